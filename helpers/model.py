@@ -74,6 +74,7 @@ def _convert_embedded(target: Path) -> None:
     # and training must stop there. Padding gets its own token so it never looks like an answer's end.
     tokenizer.eos_token = end_of_turn_token(tokenizer)
     tokenizer.pad_token = "<|endoftext|>"
+    tokenizer.clean_up_tokenization_spaces = False  # BPE text needs no clean-up; transformers warns otherwise
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     # save_pretrained refuses a model that still carries its GGUF quantization marker.
@@ -150,10 +151,32 @@ class ModelCard:
     end_of_turn: str
 
 
+def load_tokenizer(profile: Profile) -> tuple[PreTrainedTokenizerBase, str]:
+    """The profile's tokenizer with a chat template guaranteed; also says which template is used."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(profile.model.name))
+    template = ensure_chat_template(tokenizer, profile.model.chat_template)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, template
+
+
+def gpu_memory() -> dict[str, float] | None:
+    """GPU name, total and peak reserved memory in GiB (None on CPU)."""
+    if not torch.cuda.is_available():
+        return None
+    gib = 1024**3
+    return {
+        "gpu": torch.cuda.get_device_name(0),
+        "total_gib": round(torch.cuda.get_device_properties(0).total_memory / gib, 2),
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / gib, 2),
+    }
+
+
 def load_model(profile: Profile) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelCard]:
     """Load the profile's model and tokenizer (Unsloth on GPU when asked, else transformers)."""
     settings = profile.model
     source = resolve_model(settings.name)
+    dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
     start = time.perf_counter()
     if uses_unsloth(profile):
         from unsloth import FastLanguageModel
@@ -161,13 +184,16 @@ def load_model(profile: Profile) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_name=source,
             max_seq_length=settings.max_seq_length,
-            dtype=None if settings.dtype == "auto" else getattr(torch, settings.dtype),
+            dtype=dtype,
             load_in_4bit=settings.load_in_4bit,
         )
+        template = ensure_chat_template(tokenizer, settings.chat_template)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
         backend = "unsloth"
     else:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        kwargs: dict = {"dtype": "auto" if settings.dtype == "auto" else getattr(torch, settings.dtype)}
+        tokenizer, template = load_tokenizer(profile)
+        kwargs: dict = {"dtype": dtype or "auto"}
         if settings.load_in_4bit:
             from transformers import BitsAndBytesConfig
 
@@ -176,20 +202,17 @@ def load_model(profile: Profile) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
             kwargs["device_map"] = "auto"
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         backend = "transformers"
-    template = ensure_chat_template(tokenizer, settings.chat_template)
-    eot = end_of_turn_token(tokenizer)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    parameters = next(model.parameters())
     card = ModelCard(
         name=settings.name if settings.name != EMBEDDED else EMBEDDED_NAME,
         source=source,
         backend=backend,
         parameters=sum(p.numel() for p in model.parameters()),
-        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-        device=str(next(model.parameters()).device),
+        dtype=str(parameters.dtype).removeprefix("torch."),
+        device=str(parameters.device),
         load_seconds=round(time.perf_counter() - start, 2),
         chat_template=template,
-        end_of_turn=eot,
+        end_of_turn=end_of_turn_token(tokenizer),
     )
     return model, tokenizer, card
 

@@ -71,6 +71,7 @@ def sft_config(profile: Profile, output_dir: str | Path) -> SFTConfig:
         data_seed=train.seed,
         report_to="none",
         dataset_num_proc=None,
+        dataloader_pin_memory=cuda,  # pinning only helps copies to a GPU
     )
 
 
@@ -106,14 +107,16 @@ def key_settings(config: SFTConfig) -> dict[str, Any]:
 
 
 def train_figures(log_history: list[dict[str, Any]]) -> dict[str, float]:
-    """Real (non-padding) tokens trained on, seconds and tokens/s, from trl's own logs."""
-    tokens = max((e.get("num_tokens", 0) for e in log_history), default=0)
-    seconds = next((e["train_runtime"] for e in log_history if "train_runtime" in e), float("nan"))
-    return {
-        "train_tokens": int(tokens),
-        "train_seconds": round(seconds, 1),
-        "tokens_per_second": round(tokens / seconds, 1),
-    }
+    """Real (non-padding) tokens trained on, training seconds (evaluations excluded) and tokens/s."""
+    seconds, eval_seconds, tokens = float("nan"), 0.0, 0
+    for entry in log_history:
+        tokens = max(tokens, int(entry.get("num_tokens", 0)))
+        if "train_runtime" in entry:
+            seconds = entry["train_runtime"]
+            break
+        eval_seconds += entry.get("eval_runtime", 0.0)
+    seconds -= eval_seconds
+    return {"train_tokens": tokens, "train_seconds": round(seconds, 1), "tokens_per_second": round(tokens / seconds, 1)}
 
 
 def perplexity(loss: float) -> float:
@@ -121,10 +124,17 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 50 else float("inf")
 
 
-def loss_history(log_history: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
-    """(step, loss) pairs for training and evaluation from `trainer.state.log_history`."""
+def loss_history(
+    log_history: list[dict[str, Any]], eval_before: float | None = None
+) -> dict[str, list[tuple[int, float]]]:
+    """(step, loss) pairs for training and evaluation from `trainer.state.log_history`.
+
+    `eval_before`, the eval loss measured before `train()` (which resets the log), becomes step 0.
+    """
     train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
-    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
+    evals = sorted({e["step"]: e["eval_loss"] for e in log_history if "eval_loss" in e}.items())
+    if eval_before is not None:
+        evals.insert(0, (0, eval_before))
     return {"train": train, "eval": evals}
 
 

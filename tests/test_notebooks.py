@@ -1,0 +1,65 @@
+"""The notebooks as source, and the whole chain executed with papermill."""
+
+import json
+import math
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from helpers.lesson import cuda_available
+from helpers.run import main, notebooks
+from helpers.runfolder import STEPS
+
+NOTEBOOKS = sorted(Path(__file__).resolve().parent.parent.joinpath("notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_committed_clean_with_one_parameters_cell(path):
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code), "strip outputs: make clean-notebooks"
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1 and "PROFILE" in tagged[0].source
+    assert nb.cells[0].cell_type == "markdown" and "Learning objectives" in nb.cells[0].source
+
+
+def test_every_step_has_its_notebook():
+    assert [p.stem for p in notebooks()] == list(STEPS.values())
+    assert all(p.is_file() for p in notebooks())
+
+
+def run_chain(profile: str, run_dir: Path) -> dict:
+    assert main(["--profile", profile, "--run-name", str(run_dir)]) == 0
+    manifests = {s: json.loads((run_dir / s / "manifest.json").read_text()) for s in STEPS}
+    assert all(m["profile"] == profile for m in manifests.values())
+    return manifests
+
+
+def check_chain(run_dir: Path, m: dict) -> None:
+    assert m["01_model"]["baseline"]["answer"].strip()
+    assert m["02_peft"]["trainable_share"] < 0.02
+    assert (run_dir / "03_dataset" / "splits" / "train").is_dir()
+    assert m["03_dataset"]["eval_rows"] > 0
+    assert math.isfinite(m["04_trainer"]["dry_step_loss"])
+    train = m["05_train"]
+    assert (Path(train["adapter"]) / "adapter_model.safetensors").is_file()
+    for key in ("eval_loss_before", "eval_loss_after", "train_loss_first", "train_loss_last"):
+        assert math.isfinite(train[key]), key
+    assert m["06_infer"]["first_tuned_answer"].strip()
+    executed = sorted((run_dir / "executed").glob("*.ipynb"))
+    assert [p.stem for p in executed] == list(STEPS.values())
+
+
+def test_all_notebooks_run_in_order_under_cpu_smoke(tmp_path, capsys):
+    run_dir = tmp_path / "smoke"
+    check_chain(run_dir, run_chain("cpu-smoke", run_dir))
+    out = capsys.readouterr().out
+    assert "eval loss before -> after" in out and "total" in out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda_available(), reason="no CUDA GPU on this machine: the GPU chain cannot run here")
+def test_all_notebooks_run_under_a_gpu_profile(tmp_path, request):
+    run_dir = tmp_path / "gpu"
+    check_chain(run_dir, run_chain(request.config.getoption("--profile"), run_dir))

@@ -1,0 +1,55 @@
+"""LoRA and the trainer on the real embedded model (a few rows, a couple of steps)."""
+
+import math
+
+import pytest
+from datasets import Dataset, DatasetDict
+
+from helpers.data import DataError, to_prompt_completion, tokenize_example
+from helpers.lora import add_lora, count_parameters, lora_parameter_count
+from helpers.model import load_model
+from helpers.profiles import load_profile
+from helpers.trainer import build_trainer, loss_history, train_figures
+
+
+@pytest.fixture(scope="module")
+def tiny(sample_rows):
+    profile = load_profile("cpu-smoke", {"train": {"max_steps": 2, "eval_steps": None, "logging_steps": 1}})
+    model, tokenizer, card = load_model(profile)
+    rows = [r for r in sample_rows if len(r["response"]) < 700][:10]
+    splits = DatasetDict(
+        train=Dataset.from_list([to_prompt_completion(r) for r in rows[:8]]),
+        eval=Dataset.from_list([to_prompt_completion(r) for r in rows[8:]]),
+    )
+    return profile, model, tokenizer, card, splits
+
+
+def test_lora_count_matches_hand_count_and_is_small(tiny):
+    profile, model, *_ = tiny
+    predicted = lora_parameter_count(model, profile.lora)
+    peft_model = add_lora(model, profile)
+    trainable, total = count_parameters(peft_model)
+    assert trainable == predicted
+    assert trainable / total < 0.02
+
+
+def test_trainer_tokenises_like_the_lesson_and_trains(tiny, tmp_path):
+    profile, model, tokenizer, card, splits = tiny
+    trainer = build_trainer(model, tokenizer, splits, profile, tmp_path)
+    ours = tokenize_example(tokenizer, splits["train"][0])
+    assert trainer.train_dataset[0]["input_ids"] == ours["input_ids"]
+    assert trainer.train_dataset[0]["labels"] == ours["labels"]
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    history = loss_history(trainer.state.log_history)
+    assert len(history["train"]) >= 2 and all(math.isfinite(loss) for _, loss in history["train"])
+    figures = train_figures(trainer.state.log_history)
+    assert figures["train_tokens"] > 0 and figures["tokens_per_second"] > 0
+    assert math.isfinite(before)
+
+
+def test_trainer_refuses_rows_whose_end_would_be_cut(tiny, tmp_path):
+    profile, model, tokenizer, card, splits = tiny
+    short = load_profile("cpu-smoke", {"model": {"max_seq_length": 96}})
+    with pytest.raises(DataError, match="end-of-turn token is not among the trained labels"):
+        build_trainer(model, tokenizer, splits, short, tmp_path)
