@@ -116,10 +116,8 @@ def to_prompt_completion(row: dict[str, str]) -> dict[str, Any]:
 
 def tokenize_example(tokenizer: PreTrainedTokenizerBase, example: dict[str, Any]) -> dict[str, list[int]]:
     """Token ids and labels as SFTTrainer builds them: prompt tokens get label -100 (no loss)."""
-    prompt_ids = tokenizer.apply_chat_template(example["prompt"], add_generation_prompt=True, tokenize=True)
-    full_ids = tokenizer.apply_chat_template(example["prompt"] + example["completion"], tokenize=True)
-    if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "keys"):
-        prompt_ids, full_ids = prompt_ids["input_ids"], full_ids["input_ids"]
+    prompt_ids = tokenizer.apply_chat_template(example["prompt"], add_generation_prompt=True, return_dict=False)
+    full_ids = tokenizer.apply_chat_template(example["prompt"] + example["completion"], return_dict=False)
     if full_ids[: len(prompt_ids)] != prompt_ids:
         raise DataError("The chat template renders the prompt differently alone and with its answer.")
     labels = [-100] * len(prompt_ids) + full_ids[len(prompt_ids) :]

@@ -151,13 +151,22 @@ class ModelCard:
     end_of_turn: str
 
 
-def load_tokenizer(profile: Profile) -> tuple[PreTrainedTokenizerBase, str]:
-    """The profile's tokenizer with a chat template guaranteed; also says which template is used."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(profile.model.name))
-    template = ensure_chat_template(tokenizer, profile.model.chat_template)
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, fallback: str) -> str:
+    """Chat template guaranteed, EOS = the end-of-turn token (so generation stops there), a pad token.
+
+    Returns which chat template is used, for the lesson to say.
+    """
+    template = ensure_chat_template(tokenizer, fallback)
+    tokenizer.eos_token = end_of_turn_token(tokenizer)
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer, template
+        tokenizer.pad_token = tokenizer.eos_token  # padding is never trained: trl masks it out of the labels
+    return template
+
+
+def load_tokenizer(profile: Profile) -> tuple[PreTrainedTokenizerBase, str]:
+    """The profile's tokenizer, prepared; also says which chat template is used."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(profile.model.name))
+    return tokenizer, prepare_tokenizer(tokenizer, profile.model.chat_template)
 
 
 def gpu_memory() -> dict[str, float] | None:
@@ -187,9 +196,7 @@ def load_model(profile: Profile) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
             dtype=dtype,
             load_in_4bit=settings.load_in_4bit,
         )
-        template = ensure_chat_template(tokenizer, settings.chat_template)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        template = prepare_tokenizer(tokenizer, settings.chat_template)
         backend = "unsloth"
     else:
         tokenizer, template = load_tokenizer(profile)
@@ -212,7 +219,7 @@ def load_model(profile: Profile) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
         device=str(parameters.device),
         load_seconds=round(time.perf_counter() - start, 2),
         chat_template=template,
-        end_of_turn=end_of_turn_token(tokenizer),
+        end_of_turn=tokenizer.eos_token,
     )
     return model, tokenizer, card
 

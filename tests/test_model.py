@@ -3,7 +3,7 @@ import copy
 import pytest
 
 from helpers.lesson import HardwareError, check_hardware, cuda_available, uses_unsloth
-from helpers.model import ModelSourceError, end_of_turn_token, ensure_chat_template, resolve_model
+from helpers.model import ModelSourceError, end_of_turn_token, ensure_chat_template, prepare_tokenizer, resolve_model
 from helpers.profiles import load_profile
 
 
@@ -56,3 +56,10 @@ def test_cpu_profiles_use_transformers():
         profile = load_profile(name)
         check_hardware(profile)
         assert not uses_unsloth(profile)
+
+
+def test_prepare_tokenizer_makes_end_of_turn_the_eos(tokenizer):
+    base = copy.deepcopy(tokenizer)
+    base.chat_template, base.eos_token = None, "<|endoftext|>"  # like a base model: EOS is end-of-text
+    prepare_tokenizer(base, "chatml")
+    assert base.eos_token == "<|im_end|>", "generation and the EOT check must use the end-of-turn token"

@@ -8,6 +8,7 @@ import nbformat
 import pytest
 
 from helpers.lesson import cuda_available
+from helpers.profiles import load_profile
 from helpers.run import main, notebooks
 from helpers.runfolder import STEPS
 
@@ -61,5 +62,8 @@ def test_all_notebooks_run_in_order_under_cpu_smoke(tmp_path, capsys):
 @pytest.mark.gpu
 @pytest.mark.skipif(not cuda_available(), reason="no CUDA GPU on this machine: the GPU chain cannot run here")
 def test_all_notebooks_run_under_a_gpu_profile(tmp_path, request):
+    profile = request.config.getoption("--profile")
+    if not load_profile(profile).model.requires_gpu:
+        pytest.skip(f"--profile {profile} is a CPU profile; run: pytest -m gpu --profile rtx4090")
     run_dir = tmp_path / "gpu"
-    check_chain(run_dir, run_chain(request.config.getoption("--profile"), run_dir))
+    check_chain(run_dir, run_chain(profile, run_dir))
