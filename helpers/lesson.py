@@ -23,12 +23,13 @@ def cuda_available() -> bool:
 def uses_unsloth(profile: Profile) -> bool:
     """Unsloth is used only with CUDA present and a profile that asks for it (never on CPU)."""
     backend = profile.model.backend
-    return backend == "unsloth" or (backend == "auto" and profile.model.requires_gpu and cuda_available())
+    wanted = backend == "unsloth" or (backend == "auto" and profile.model.requires_gpu)
+    return wanted and cuda_available()
 
 
 def check_hardware(profile: Profile) -> None:
     """Stop at once, with the way out, when a GPU profile meets a machine without CUDA."""
-    if profile.model.requires_gpu and not cuda_available():
+    if (profile.model.requires_gpu or profile.model.backend == "unsloth") and not cuda_available():
         cpu = [p for p in list_profiles() if p.startswith("cpu-")]
         raise HardwareError(
             f"Profile {profile.name!r} needs a CUDA GPU and none is visible to PyTorch on this machine. "

@@ -128,13 +128,13 @@ def ensure_chat_template(tokenizer: PreTrainedTokenizerBase, fallback: str) -> s
         return "the tokenizer's own chat template"
     template, end = {"chatml": (CHATML, "<|im_end|>"), "llama3": (LLAMA3, "<|eot_id|>")}[fallback]
     vocab = tokenizer.get_vocab()
+    if fallback == "llama3" and "<|start_header_id|>" not in vocab:
+        raise ValueError("The llama3 chat template needs <|start_header_id|> in the vocabulary; use chatml.")
     if end not in vocab:
         if tokenizer.eos_token is None:
             raise ValueError(f"Tokenizer has no chat template, no {end} token and no EOS token to end turns.")
         end = tokenizer.eos_token
     tokenizer.chat_template = template.replace("END", repr(end))
-    if fallback == "llama3" and "<|start_header_id|>" not in vocab:
-        raise ValueError("The llama3 chat template needs <|start_header_id|> in the vocabulary; use chatml.")
     return f"the profile's fallback {fallback} template (the tokenizer has none), turns end with {end}"
 
 

@@ -63,3 +63,11 @@ def test_prepare_tokenizer_makes_end_of_turn_the_eos(tokenizer):
     base.chat_template, base.eos_token = None, "<|endoftext|>"  # like a base model: EOS is end-of-text
     prepare_tokenizer(base, "chatml")
     assert base.eos_token == "<|im_end|>", "generation and the EOT check must use the end-of-turn token"
+
+
+@pytest.mark.skipif(cuda_available(), reason="checks the CPU-only message")
+def test_unsloth_backend_on_cpu_is_refused_not_imported():
+    profile = load_profile("cpu-smoke", {"model": {"backend": "unsloth"}})
+    assert not uses_unsloth(profile)
+    with pytest.raises(HardwareError, match="needs a CUDA GPU"):
+        check_hardware(profile)
