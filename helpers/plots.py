@@ -53,3 +53,38 @@ def before_after_bars(values: dict[str, Any], path: str | Path | None = None, yl
     if path:
         fig.savefig(path, dpi=120)
     return fig
+
+
+def metric_bars(base: dict[str, float], tuned: dict[str, float], metrics: tuple[str, ...], path=None, title=""):
+    """Grouped bars, base vs tuned, one group per metric (each on its own axis: scales differ)."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(2.4 * len(metrics), 3.2))
+    for ax, metric in zip(axes, metrics, strict=True):
+        bars = ax.bar(["base", "tuned"], [base[metric], tuned[metric]], color=["#8C8C8C", "#55A868"])
+        ax.bar_label(bars, fmt="%.3g")
+        ax.set_title(metric)
+        ax.margins(y=0.2)
+    fig.suptitle(title or "Generated answers vs references (higher is better)")
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def subject_bars(per_subject: dict[str, dict[str, float]], path=None):
+    """Answer loss per subject, base vs tuned, horizontal bars."""
+    subjects = list(per_subject)
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(subjects) + 1.2))
+    positions = range(len(subjects))
+    ax.barh(
+        [p + 0.2 for p in positions], [per_subject[s]["base"] for s in subjects], 0.4, label="base", color="#8C8C8C"
+    )
+    ax.barh(
+        [p - 0.2 for p in positions], [per_subject[s]["tuned"] for s in subjects], 0.4, label="tuned", color="#55A868"
+    )
+    ax.set_yticks(list(positions), [f"{s} ({per_subject[s]['rows']})" for s in subjects])
+    ax.set_xlabel("answer loss on held-out rows (lower is better)")
+    ax.legend()
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=120)
+    return fig

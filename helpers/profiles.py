@@ -71,6 +71,13 @@ class InferSettings(_Section):
     questions: list[str] = Field(min_length=1)
 
 
+class EvalSettings(_Section):
+    questions: int = Field(8, ge=1)  # held-out questions both models answer (greedy) in notebook 07
+    max_new_tokens: int = Field(160, ge=1)
+    forgetting_questions: int = Field(8, ge=1)  # general, non-security questions from data/
+    batch_size: int = Field(4, ge=1)
+
+
 class Profile(_Section):
     name: str
     description: str
@@ -79,6 +86,7 @@ class Profile(_Section):
     lora: LoraSettings
     train: TrainSettings
     infer: InferSettings
+    evaluate: EvalSettings = Field(default_factory=EvalSettings)
 
 
 def list_profiles() -> list[str]:

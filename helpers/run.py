@@ -69,6 +69,7 @@ def summary(run: RunFolder, seconds: dict[str, float]) -> str:
     model = m.get("01_model", {}).get("model", {})
     data = m.get("03_dataset", {})
     train = m.get("05_train", {})
+    evaluation = m.get("07_eval", {})
     facts = {
         "model": f"{model.get('name', '?')} ({model.get('parameters', 0) / 1e6:.1f} M parameters, "
         f"{model.get('backend', '?')})",
@@ -78,6 +79,11 @@ def summary(run: RunFolder, seconds: dict[str, float]) -> str:
         "train loss first -> last": f"{_fmt(train.get('train_loss_first'))} -> {_fmt(train.get('train_loss_last'))}",
         "eval loss before -> after": f"{_fmt(train.get('eval_loss_before'))} -> {_fmt(train.get('eval_loss_after'))}",
         "train tokens/s": _fmt(train.get("tokens_per_second", "?"), 1),
+        "07 answer loss base -> tuned": f"{_fmt(evaluation.get('loss_base'))} -> {_fmt(evaluation.get('loss_tuned'))}"
+        f" ({_fmt(evaluation.get('loss_change_pct', '?'), 1)}%)",
+        "07 ROUGE-L base -> tuned": f"{_fmt(evaluation.get('rougeL_base'))} -> {_fmt(evaluation.get('rougeL_tuned'))}",
+        "07 general Qs ROUGE-L": f"{_fmt(evaluation.get('forgetting_rougeL_base'))} -> "
+        f"{_fmt(evaluation.get('forgetting_rougeL_tuned'))}",
         "adapter": train.get("adapter", "not trained"),
     }
     width = max(map(len, facts))

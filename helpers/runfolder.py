@@ -29,6 +29,7 @@ STEPS: dict[str, str] = {
     "04_trainer": "04_sft_trainer",
     "05_train": "05_train",
     "06_infer": "06_infer",
+    "07_eval": "07_evaluate",
 }
 
 _VERSIONED = ("torch", "transformers", "trl", "peft", "datasets", "accelerate")

@@ -30,6 +30,14 @@ def test_every_step_has_its_notebook():
     assert all(p.is_file() for p in notebooks())
 
 
+def all_finite(value) -> bool:
+    if isinstance(value, dict):
+        return all(all_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(all_finite(v) for v in value)
+    return not isinstance(value, float) or math.isfinite(value)
+
+
 def run_chain(profile: str, run_dir: Path) -> dict:
     assert main(["--profile", profile, "--run-name", str(run_dir)]) == 0
     manifests = {s: json.loads((run_dir / s / "manifest.json").read_text()) for s in STEPS}
@@ -48,6 +56,13 @@ def check_chain(run_dir: Path, m: dict) -> None:
     for key in ("eval_loss_before", "eval_loss_after", "train_loss_first", "train_loss_last"):
         assert math.isfinite(train[key]), key
     assert m["06_infer"]["first_tuned_answer"].strip()
+    report = json.loads((run_dir / "07_eval" / "report.json").read_text())
+    assert {"loss", "generation", "forgetting", "headline", "dataset", "eval_rows"} <= set(report)
+    for name in ("base", "tuned"):
+        assert set(report["generation"]["scores"][name]) >= {"rougeL", "bleu", "chrf", "token_f1", "stopped_rate"}
+    assert all_finite(report), "every number in the report must be finite"
+    assert (run_dir / "07_eval" / "report.md").read_text().startswith("# Evaluation")
+    assert (run_dir / "07_eval" / "metrics.png").is_file()
     executed = sorted((run_dir / "executed").glob("*.ipynb"))
     assert [p.stem for p in executed] == list(STEPS.values())
 
