@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from helpers.data import tokenize_example
-from helpers.inference import generate
+from helpers.inference import compare_base_and_tuned
 
 METRICS = ("rougeL", "bleu", "chrf", "token_f1")
 
@@ -124,17 +124,9 @@ def compare_answers(
     for example in tqdm(examples, desc=desc):
         system = next((m["content"] for m in example["prompt"] if m["role"] == "system"), "")
         question = example["prompt"][-1]["content"]
-        with model.disable_adapter():
-            base = generate(model, tokenizer, question, system, max_new_tokens)
-        tuned = generate(model, tokenizer, question, system, max_new_tokens)
+        pair = compare_base_and_tuned(model, tokenizer, [question], system, max_new_tokens)[0]
         samples.append(
-            {
-                "subject": example.get("subject", ""),
-                "question": question,
-                "reference": example["completion"][0]["content"],
-                "base": base,
-                "tuned": tuned,
-            }
+            {"subject": example.get("subject", ""), "reference": example["completion"][0]["content"], **pair}
         )
     references = [s["reference"] for s in samples]
     scores = {}

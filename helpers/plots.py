@@ -8,6 +8,14 @@ from typing import Any
 import matplotlib.pyplot as plt  # headless runs fall back to the Agg backend by themselves
 
 
+def _finish(fig, path: str | Path | None):
+    """Lay out the figure and save it when a path is given."""
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
 def token_length_histogram(lengths: list[int], max_length: int, path: str | Path | None = None):
     """Histogram of tokens per example, with the max_length cut-off marked."""
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -17,10 +25,7 @@ def token_length_histogram(lengths: list[int], max_length: int, path: str | Path
     ax.set_ylabel("examples")
     ax.set_title("How long are the training examples?")
     ax.legend()
-    fig.tight_layout()
-    if path:
-        fig.savefig(path, dpi=120)
-    return fig
+    return _finish(fig, path)
 
 
 def loss_curve(history: dict[str, list[tuple[int, float]]], path: str | Path | None = None, title: str = ""):
@@ -37,10 +42,7 @@ def loss_curve(history: dict[str, list[tuple[int, float]]], path: str | Path | N
     ax.set_title(title or "Loss during training")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    if path:
-        fig.savefig(path, dpi=120)
-    return fig
+    return _finish(fig, path)
 
 
 def before_after_bars(values: dict[str, Any], path: str | Path | None = None, ylabel: str = "eval loss"):
@@ -49,10 +51,7 @@ def before_after_bars(values: dict[str, Any], path: str | Path | None = None, yl
     bars = ax.bar(list(values), list(values.values()), color=["#8C8C8C", "#55A868"][: len(values)])
     ax.bar_label(bars, fmt="%.3f")
     ax.set_ylabel(ylabel)
-    fig.tight_layout()
-    if path:
-        fig.savefig(path, dpi=120)
-    return fig
+    return _finish(fig, path)
 
 
 def metric_bars(base: dict[str, float], tuned: dict[str, float], metrics: tuple[str, ...], path=None, title=""):
@@ -64,10 +63,7 @@ def metric_bars(base: dict[str, float], tuned: dict[str, float], metrics: tuple[
         ax.set_title(metric)
         ax.margins(y=0.2)
     fig.suptitle(title or "Generated answers vs references (higher is better)")
-    fig.tight_layout()
-    if path:
-        fig.savefig(path, dpi=120)
-    return fig
+    return _finish(fig, path)
 
 
 def subject_bars(per_subject: dict[str, dict[str, float]], path=None):
@@ -84,7 +80,4 @@ def subject_bars(per_subject: dict[str, dict[str, float]], path=None):
     ax.set_yticks(list(positions), [f"{s} ({per_subject[s]['rows']})" for s in subjects])
     ax.set_xlabel("answer loss on held-out rows (lower is better)")
     ax.legend()
-    fig.tight_layout()
-    if path:
-        fig.savefig(path, dpi=120)
-    return fig
+    return _finish(fig, path)
