@@ -8,10 +8,12 @@ loss on the completion only, and the chat template closes it with the end-of-tur
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,29 +32,72 @@ class DataError(ValueError):
     """Input data that cannot be used, with where and why."""
 
 
-def _read_file(path: Path) -> list[Any]:
+@dataclass
+class Problem:
+    """One unusable row: where it is, a short reason to count by, and the full explanation."""
+
+    where: str
+    reason: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.detail}"
+
+
+@dataclass
+class LoadedRows:
+    """Validated rows (each with `where` it came from: file and line) and the problems skipped on the way."""
+
+    origin: str
+    rows: list[dict[str, Any]]
+    problems: list[Problem] = field(default_factory=list)
+
+    def skipped(self) -> dict[str, int]:
+        """How many rows were skipped, by reason."""
+        return dict(Counter(p.reason for p in self.problems))
+
+
+Item = tuple[str, Any]  # (where, the parsed row or a Problem)
+
+
+def _read_jsonl(path: Path) -> list[Item]:
+    items: list[Item] = []
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        where = f"{path}, line {number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            items.append((where, Problem(where, "invalid UTF-8", f"not valid UTF-8 text (byte {err.start})")))
+            continue
+        if not line.strip():
+            continue
+        try:
+            items.append((where, json.loads(line)))
+        except json.JSONDecodeError as err:
+            items.append((where, Problem(where, "invalid JSON", f"not valid JSON ({err.msg}, column {err.colno})")))
+    return items
+
+
+def _read_file(path: Path) -> list[Item]:
     if path.suffix == ".jsonl":
-        rows = []
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}, line {number}: not valid JSON ({err.msg}).") from None
-        return rows
+        return _read_jsonl(path)
     if path.suffix == ".json":
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            rows = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not valid UTF-8 text (byte {err.start}).") from None
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}, line {err.lineno}: not valid JSON ({err.msg}).") from None
         if not isinstance(rows, list):
             raise DataError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}.")
-        return rows
-    if path.suffix == ".parquet":
-        return Dataset.from_parquet(str(path)).to_list()
-    raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json or .parquet.")
+    elif path.suffix == ".parquet":
+        rows = Dataset.from_parquet(str(path)).to_list()
+    else:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json or .parquet.")
+    return [(f"{path}, row {number}", row) for number, row in enumerate(rows, start=1)]
 
 
-def _read_hub(dataset_id: str) -> list[Any]:
+def _read_hub(dataset_id: str) -> list[Item]:
     token = os.environ.get("HF_TOKEN")
     if not token:
         raise DataError(
@@ -61,45 +106,68 @@ def _read_hub(dataset_id: str) -> list[Any]:
         )
     from datasets import load_dataset
 
-    return load_dataset(dataset_id, split="train", token=token).to_list()
+    rows = load_dataset(dataset_id, split="train", token=token).to_list()
+    return [(f"{dataset_id}, row {number}", row) for number, row in enumerate(rows, start=1)]
 
 
-def validate_rows(rows: list[Any], origin: str) -> list[dict[str, str]]:
-    """Check every row has the four White Rabbit fields as non-empty text; name the row and field if not."""
-    if not rows:
-        raise DataError(f"{origin}: no rows.")
-    clean = []
-    for number, row in enumerate(rows, start=1):
-        where = f"{origin}, row {number}"
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected an object with {', '.join(FIELDS)}, got {type(row).__name__}.")
-        missing = [f for f in FIELDS if f not in row]
-        if missing:
-            raise DataError(f"{where}: missing field(s) {', '.join(missing)}.")
-        for field in FIELDS:
-            value = row[field]
-            if not isinstance(value, str):
-                raise DataError(f"{where}: field {field!r} must be text, got {type(value).__name__}.")
-            if field in ("instruction", "response") and not value.strip():
-                raise DataError(f"{where}: field {field!r} is empty.")
-        clean.append({f: row[f].strip() for f in FIELDS})
-    return clean
+def _check_row(where: str, row: Any) -> Problem | None:
+    if not isinstance(row, dict):
+        return Problem(where, "not an object", f"expected an object with {', '.join(FIELDS)}, got {type(row).__name__}")
+    missing = [f for f in FIELDS if f not in row]
+    if missing:
+        return Problem(where, "missing field", f"missing field(s) {', '.join(missing)}")
+    extra = [f for f in row if f not in FIELDS]
+    if extra:
+        return Problem(where, "extra field", f"unexpected field(s) {', '.join(map(repr, extra))}; expected {FIELDS}")
+    for name in FIELDS:
+        if not isinstance(row[name], str):
+            return Problem(where, "wrong type", f"field {name!r} must be text, got {type(row[name]).__name__}")
+        if name in ("instruction", "response") and not row[name].strip():
+            return Problem(where, "empty text", f"field {name!r} is empty")
+    return None
 
 
-def load_rows(source: str = "sample") -> list[dict[str, str]]:
-    """Rows from the shipped sample, a local .jsonl/.json/.parquet file, or `hub:<dataset id>`."""
-    if source == "sample":
-        path = SAMPLE
-    elif source.startswith(HUB_PREFIX):
+def validate_rows(items: list[Item], origin: str, on_error: str = "stop") -> LoadedRows:
+    """Check every row: an object with exactly the four White Rabbit fields as text, a non-empty instruction and
+    response, not a duplicate of an earlier row. `on_error="stop"` raises at the first problem (naming file, row
+    and field); `"skip"` leaves such rows out and counts them."""
+    loaded, seen = LoadedRows(origin, []), {}
+    for where, row in items:
+        problem = row if isinstance(row, Problem) else _check_row(where, row)
+        if problem is None:
+            key = tuple(" ".join(row[f].split()).lower() for f in ("system", "instruction", "response"))
+            if key in seen:
+                problem = Problem(where, "duplicate", f"duplicate of {seen[key]}")
+            seen.setdefault(key, where)
+        if problem is None:
+            loaded.rows.append({**{f: row[f].strip() for f in FIELDS}, "where": where})
+        elif on_error == "stop":
+            raise DataError(f"{problem}. (To skip such rows and count them instead, set data.on_error: skip.)")
+        else:
+            loaded.problems.append(problem)
+    if not loaded.rows:
+        skipped = f" ({len(loaded.problems)} skipped: {loaded.skipped()})" if loaded.problems else ""
+        raise DataError(f"{origin}: no usable rows{skipped}.")
+    return loaded
+
+
+def fingerprint(rows: list[dict[str, Any]]) -> str:
+    """SHA-256 of the rows' four fields in order: the same data gives the same hash on any machine."""
+    canonical = json.dumps([[row[f] for f in FIELDS] for row in rows], ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def load_rows(source: str = "sample", on_error: str = "stop") -> LoadedRows:
+    """Validated rows from the shipped sample, a local .jsonl/.json/.parquet file, or `hub:<dataset id>`."""
+    if source.startswith(HUB_PREFIX):
         dataset_id = source.removeprefix(HUB_PREFIX)
-        return validate_rows(_read_hub(dataset_id), dataset_id)
-    else:
-        path = Path(source).expanduser()
-        if not path.is_absolute():
-            path = ROOT / path
+        return validate_rows(_read_hub(dataset_id), dataset_id, on_error)
+    path = SAMPLE if source == "sample" else Path(source).expanduser()
+    if not path.is_absolute():
+        path = ROOT / path
     if not path.is_file():
         raise DataError(f"Data file {path} does not exist.")
-    return validate_rows(_read_file(path), str(path))
+    return validate_rows(_read_file(path), str(path), on_error)
 
 
 def to_prompt_completion(row: dict[str, str]) -> dict[str, Any]:
@@ -144,33 +212,56 @@ def show_label_mask(tokenizer: PreTrainedTokenizerBase, input_ids: list[int], la
     return f"[{masked}]{trained}"
 
 
+def _truncate_answer(tokenizer: PreTrainedTokenizerBase, row: dict[str, str], max_length: int) -> dict | None:
+    """The row with its response cut to the most whole words that fit max_length with the end-of-turn token kept;
+    None when even the prompt does not fit."""
+    words = row["response"].split()
+    low, high = 0, len(words)  # invariant: `low` words fit (or none do)
+    while low < high:
+        middle = (low + high + 1) // 2
+        candidate = {**row, "response": " ".join(words[:middle])}
+        if len(tokenize_example(tokenizer, to_prompt_completion(candidate))["input_ids"]) <= max_length:
+            low = middle
+        else:
+            high = middle - 1
+    return {**row, "response": " ".join(words[:low])} if low else None
+
+
 def build_splits(
     rows: list[dict[str, str]],
     tokenizer: PreTrainedTokenizerBase,
     settings: DataSettings,
     max_length: int,
 ) -> tuple[DatasetDict, dict[str, Any]]:
-    """Shuffle, cap, drop rows that do not fit max_length (their end would be cut), split train/eval.
+    """Shuffle, cap, handle rows over max_length (drop, or truncate the answer: `settings.too_long`), split.
 
-    Returns the splits as prompt-completion datasets and statistics for the manifest.
+    Every kept row is checked: prompt masked, end-of-turn token trained. Returns the splits as prompt-completion
+    datasets and statistics for the manifest, including which rows were too long and by how many tokens.
     """
     rows = list(rows)
     random.Random(settings.seed).shuffle(rows)
     if settings.max_rows:
         rows = rows[: settings.max_rows]
     kept, lengths, too_long, eot_id = [], [], [], tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
-    for index, row in enumerate(rows):
-        example = to_prompt_completion(row)
-        tokens = tokenize_example(tokenizer, example)
+    for row in rows:
+        where = row.get("where", "row")
+        tokens = tokenize_example(tokenizer, to_prompt_completion(row))
         if len(tokens["input_ids"]) > max_length:
-            too_long.append(index)
-            continue
-        check_end_of_turn_trained(tokens["labels"], eot_id, f"row {index} ({row['subject']})")
-        kept.append(example)
+            shortened = _truncate_answer(tokenizer, row, max_length) if settings.too_long == "truncate" else None
+            action = "truncated" if shortened else "dropped"
+            length = len(tokens["input_ids"])
+            too_long.append({"where": where, "tokens": length, "over": length - max_length, "action": action})
+            if not shortened:
+                continue
+            row = shortened
+            tokens = tokenize_example(tokenizer, to_prompt_completion(row))
+        check_end_of_turn_trained(tokens["labels"], eot_id, f"{where} ({row['subject']})")
+        kept.append(to_prompt_completion(row))
         lengths.append(len(tokens["input_ids"]))
+    dropped = sum(r["action"] == "dropped" for r in too_long)
     if len(kept) <= settings.eval_rows:
         raise DataError(
-            f"Only {len(kept)} usable rows (of {len(rows)}; {len(too_long)} longer than max_length={max_length}), "
+            f"Only {len(kept)} usable rows (of {len(rows)}; {dropped} longer than max_length={max_length}), "
             f"not enough for eval_rows={settings.eval_rows} plus training rows."
         )
     eval_part, train_part = kept[: settings.eval_rows], kept[settings.eval_rows :]
@@ -178,7 +269,9 @@ def build_splits(
     stats = {
         "rows_read": len(rows),
         "rows_kept": len(kept),
-        "rows_dropped_too_long": len(too_long),
+        "rows_dropped_too_long": dropped,
+        "rows_truncated": len(too_long) - dropped,
+        "too_long": too_long,  # which rows, their length, the tokens over max_length, what was done
         "train_rows": len(train_part),
         "eval_rows": len(eval_part),
         "tokens_total": sum(lengths),

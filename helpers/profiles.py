@@ -41,6 +41,8 @@ class DataSettings(_Section):
     max_rows: int | None = Field(None, ge=2)
     eval_rows: int = Field(20, ge=1)
     seed: int = 42
+    on_error: Literal["stop", "skip"] = "stop"  # a bad row stops the lesson (teaching), or is skipped and counted
+    too_long: Literal["drop", "truncate"] = "drop"  # rows over max_seq_length: left out, or answer shortened to fit
 
 
 class LoraSettings(_Section):

@@ -53,18 +53,19 @@ def library_versions() -> dict[str, str]:
 class RunFolder:
     """One run of the workbook: `runs/<name>/` with a folder per step."""
 
-    def __init__(self, root: Path, profile_name: str):
+    def __init__(self, root: Path, profile_name: str, seed: int | None = None):
         self.root = Path(root)
         self.profile_name = profile_name
+        self.seed = seed
         self.root.mkdir(parents=True, exist_ok=True)
 
     @classmethod
-    def open(cls, name: str, profile_name: str, runs_dir: Path | None = None) -> RunFolder:
+    def open(cls, name: str, profile_name: str, runs_dir: Path | None = None, seed: int | None = None) -> RunFolder:
         """Open (or create) `runs_dir/<name>`; `name` may also be an absolute path."""
         path = Path(name)
         if not path.is_absolute():
             path = Path(runs_dir or RUNS_DIR) / name
-        return cls(path, profile_name)
+        return cls(path, profile_name, seed)
 
     def path(self, step: str) -> Path:
         """Folder of a completed step (it may not exist yet)."""
@@ -105,6 +106,7 @@ class RunFolder:
             "step": step,
             "notebook": STEPS[step],
             "profile": self.profile_name,
+            "seed": self.seed,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "versions": library_versions(),
             **manifest,

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import is_peft_model
 from datasets import DatasetDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from trl import SFTConfig, SFTTrainer
@@ -75,6 +79,61 @@ def sft_config(profile: Profile, output_dir: str | Path) -> SFTConfig:
     )
 
 
+class _CrossEntropySum(torch.autograd.Function):
+    """Summed cross-entropy whose backward writes softmax minus one-hot in place.
+
+    PyTorch's own backward zero-fills a (positions x vocabulary) gradient, scatters into it and runs the log-softmax
+    backward: three passes over ~25 M numbers per step on the embedded model. This is one.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        log_probs = logits.log_softmax(-1)
+        ctx.save_for_backward(log_probs, targets)
+        return -log_probs.gather(1, targets[:, None]).sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        log_probs, targets = ctx.saved_tensors
+        grad_logits = log_probs.exp_()  # the softmax, reusing the saved buffer (a step runs backward once)
+        grad_logits[torch.arange(len(targets)), targets] -= 1
+        return grad_logits.mul_(grad), None
+
+
+class AnswerHeadSFTTrainer(SFTTrainer):
+    """SFTTrainer whose loss sends only the answer positions through the LM head.
+
+    Without Triton (on CPU), trl's fused LM head scores every position, prompt and padding included, over the whole
+    vocabulary, and again in the backward pass: half of a training step on the embedded model. Projecting only the
+    positions that carry a label gives the same loss and gradients in about two thirds of the time
+    (benchmarks/train_throughput.py). Of trl's metrics it logs token accuracy and the token count; entropy, another
+    pass over the whole vocabulary per position, is left out.
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:  # only asked for when logits are wanted; keep trl's path for that
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        mode = "train" if model.training else "eval"
+        causal_lm = self.accelerator.unwrap_model(model)
+        causal_lm = causal_lm.get_base_model() if is_peft_model(causal_lm) else causal_lm
+        model_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
+        hidden = causal_lm.base_model(**model_inputs, use_cache=False).last_hidden_state
+        labels = inputs["labels"][:, 1:]
+        answer = labels != -100
+        targets = labels[answer]
+        logits = causal_lm.get_output_embeddings()(hidden[:, :-1][answer]).float()
+        count = num_items_in_batch if num_items_in_batch is not None else answer.sum().clamp(min=1)
+        loss = _CrossEntropySum.apply(logits, targets) / count
+        with torch.no_grad():
+            metrics = self._metrics[mode]
+            metrics["mean_token_accuracy"].append((logits.argmax(-1) == targets).float().mean().item())
+            if mode == "train":
+                mask = inputs.get("attention_mask")
+                self._total_train_tokens += int(mask.sum()) if mask is not None else inputs["position_ids"].size(1)
+            metrics["num_tokens"] = [self._total_train_tokens]
+        return loss
+
+
 def build_trainer(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -82,11 +141,17 @@ def build_trainer(
     profile: Profile,
     output_dir: str | Path,
     callbacks: list[TrainerCallback] | None = None,
+    config: SFTConfig | None = None,
 ) -> SFTTrainer:
-    """An SFTTrainer over the train/eval splits, with the end-of-turn check run on what it will train."""
-    trainer = SFTTrainer(
+    """An SFTTrainer over the train/eval splits, with the end-of-turn check run on what it will train.
+
+    `config` replaces the profile's SFTConfig (the throughput benchmark varies it).
+    """
+    # trl's own fused head is the better one where Triton runs (GPU): it never builds the full logits
+    trainer_class = SFTTrainer if torch.cuda.is_available() else AnswerHeadSFTTrainer
+    trainer = trainer_class(
         model=model,
-        args=sft_config(profile, output_dir),
+        args=config or sft_config(profile, output_dir),
         train_dataset=splits["train"],
         eval_dataset=splits["eval"],
         processing_class=tokenizer,
@@ -138,6 +203,44 @@ def loss_history(
     return {"train": train, "eval": evals}
 
 
+class DiskSpaceError(OSError):
+    """Not enough free disk for the checkpoints a profile asks for."""
+
+
+def resumable_checkpoint(output_dir: str | Path, max_steps: int) -> str | None:
+    """The newest complete checkpoint of an unfinished run in `output_dir`, or None to start from step 0.
+
+    The Trainer writes `trainer_state.json` last, so a folder without a readable one was cut off mid-save (the
+    laptop slept, the kernel was killed) and the one before it is used instead.
+    """
+    folders = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    for folder in sorted(folders, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        try:
+            step = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
+        except (OSError, ValueError, KeyError):
+            continue
+        return str(folder) if step < max_steps else None
+    return None
+
+
+def check_disk_space(output_dir: str | Path, model: torch.nn.Module, profile: Profile) -> None:
+    """Stop before training, not at the first checkpoint, when the disk cannot hold the checkpoints."""
+    if not profile.train.save_steps:
+        return
+    trainable_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    needed = 2 * 3 * trainable_bytes + 50 * 2**20  # two kept checkpoints of weights + Adam's two moments, + slack
+    folder = Path(output_dir)
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise DiskSpaceError(
+            f"Not enough disk space for checkpoints in {output_dir}: about {needed / 2**20:.0f} MiB needed, "
+            f"{free / 2**20:.0f} MiB free. Free some space (old runs/ folders), point LLM_SCHOOL_RUNS at a bigger "
+            "disk, or set train.save_steps: null in the profile to train without checkpoints (no resume)."
+        )
+
+
 def out_of_memory_advice(profile: Profile) -> str:
     """What to turn down when a GPU runs out of memory."""
     t = profile.train
@@ -146,3 +249,23 @@ def out_of_memory_advice(profile: Profile) -> str:
         f"({t.per_device_train_batch_size}) and raise gradient_accumulation_steps to keep the effective batch, "
         f"shorten model.max_seq_length ({profile.model.max_seq_length}), or set train.gradient_checkpointing: true."
     )
+
+
+def run_training(trainer: SFTTrainer, profile: Profile) -> str | None:
+    """Train, resuming from the last complete checkpoint of an interrupted run, with a clear message when the GPU
+    memory or the disk runs out. Returns the checkpoint it resumed from (None: it started at step 0)."""
+    output_dir = trainer.args.output_dir
+    check_disk_space(output_dir, trainer.model, profile)
+    resume = resumable_checkpoint(output_dir, trainer.args.max_steps)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except torch.OutOfMemoryError as err:
+        raise RuntimeError(out_of_memory_advice(profile)) from err
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        raise DiskSpaceError(
+            f"The disk filled up while writing a checkpoint in {output_dir}. Free some space and rerun: training "
+            "resumes from the last complete checkpoint."
+        ) from err
+    return resume

@@ -23,4 +23,4 @@ def tokenizer(smoke):
 def sample_rows():
     from helpers.data import load_rows
 
-    return load_rows("sample")
+    return load_rows("sample").rows

@@ -7,6 +7,7 @@ from helpers.data import (
     DataError,
     build_splits,
     check_end_of_turn_trained,
+    fingerprint,
     load_rows,
     show_label_mask,
     to_prompt_completion,
@@ -37,10 +38,12 @@ def write_jsonl(path, rows):
 @pytest.mark.parametrize(
     ("row", "message"),
     [
-        ({k: v for k, v in ROW.items() if k != "response"}, "row 2: missing field.*response"),
-        ({**ROW, "response": "   "}, "row 2: field 'response' is empty"),
-        ({**ROW, "instruction": 7}, "row 2: field 'instruction' must be text, got int"),
-        (["not", "an", "object"], "row 2: expected an object"),
+        ({k: v for k, v in ROW.items() if k != "response"}, "line 2: missing field.*response"),
+        ({**ROW, "source": "x"}, "line 2: unexpected field.*'source'"),
+        ({**ROW, "response": "   "}, "line 2: field 'response' is empty"),
+        ({**ROW, "instruction": 7}, "line 2: field 'instruction' must be text, got int"),
+        (["not", "an", "object"], "line 2: expected an object"),
+        ({**ROW, "response": " " + ROW["response"].upper()}, "line 2: duplicate of .*line 1"),
     ],
 )
 def test_bad_rows_are_named_by_file_row_and_field(tmp_path, row, message):
@@ -55,11 +58,35 @@ def test_broken_jsonl_line_names_the_line(tmp_path):
         load_rows(path)
 
 
+def test_invalid_utf8_names_the_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    latin1 = json.dumps({**ROW, "instruction": "caf\u00e9?"}, ensure_ascii=False).encode("latin-1")
+    path.write_bytes(json.dumps(ROW).encode() + b"\n" + latin1 + b"\n")
+    with pytest.raises(DataError, match=r"d.jsonl, line 2: not valid UTF-8"):
+        load_rows(str(path))
+
+
+def test_skip_policy_keeps_good_rows_and_counts_the_rest_by_reason(tmp_path):
+    other = {**ROW, "instruction": "What is a pepper?"}
+    path = write_jsonl(tmp_path / "d.jsonl", [ROW, "{broken", {**ROW, "response": ""}, ROW, other, {"x": 1}])
+    loaded = load_rows(path, on_error="skip")
+    assert [r["instruction"] for r in loaded.rows] == [ROW["instruction"], other["instruction"]]
+    assert loaded.rows[1]["where"].endswith("d.jsonl, line 5")
+    assert loaded.skipped() == {"invalid JSON": 1, "empty text": 1, "duplicate": 1, "missing field": 1}
+    with pytest.raises(DataError, match=r"no usable rows \(2 skipped"):
+        load_rows(write_jsonl(tmp_path / "bad.jsonl", ["{", {"x": 1}]), on_error="skip")
+
+
+def test_fingerprint_depends_on_content_only(sample_rows):
+    assert fingerprint(sample_rows) == fingerprint([{**r, "where": "elsewhere"} for r in sample_rows])
+    assert fingerprint(sample_rows) != fingerprint(sample_rows[1:])
+
+
 def test_missing_file_and_empty_file(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_rows(str(tmp_path / "nope.jsonl"))
     (tmp_path / "empty.jsonl").write_text("")
-    with pytest.raises(DataError, match="no rows"):
+    with pytest.raises(DataError, match="no usable rows"):
         load_rows(str(tmp_path / "empty.jsonl"))
 
 
@@ -98,7 +125,8 @@ def test_end_of_turn_check_catches_a_cut_answer(tokenizer):
 
 def test_splits_drop_rows_longer_than_max_length(sample_rows, tokenizer, smoke):
     splits, stats = build_splits(sample_rows, tokenizer, smoke.data, max_length=200)
-    assert stats["rows_dropped_too_long"] > 0
+    assert stats["rows_dropped_too_long"] == len(stats["too_long"]) > 0
+    assert all(r["over"] == r["tokens"] - 200 > 0 and "line" in r["where"] for r in stats["too_long"])
     assert stats["tokens_max"] <= 200
     assert len(splits["eval"]) == smoke.data.eval_rows
     assert stats["train_rows"] + stats["eval_rows"] == stats["rows_kept"]
@@ -110,3 +138,13 @@ def test_split_is_reproducible(sample_rows, tokenizer, smoke):
     first, _ = build_splits(sample_rows, tokenizer, smoke.data, 384)
     second, _ = build_splits(sample_rows, tokenizer, smoke.data, 384)
     assert first["eval"]["prompt"] == second["eval"]["prompt"]
+
+
+def test_truncate_policy_shortens_answers_and_keeps_the_end_of_turn(sample_rows, tokenizer, smoke):
+    settings = smoke.data.model_copy(update={"too_long": "truncate"})
+    splits, stats = build_splits(sample_rows, tokenizer, settings, max_length=200)
+    assert stats["rows_truncated"] == len(stats["too_long"]) > 0 and stats["rows_dropped_too_long"] == 0
+    assert stats["rows_kept"] == min(len(sample_rows), smoke.data.max_rows) and stats["tokens_max"] <= 200
+    eot_id = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    for example in splits["train"]:
+        check_end_of_turn_trained(tokenize_example(tokenizer, example)["labels"], eot_id, "truncated row")

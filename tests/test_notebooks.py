@@ -2,6 +2,7 @@
 
 import json
 import math
+import uuid
 from pathlib import Path
 
 import nbformat
@@ -39,7 +40,7 @@ def all_finite(value) -> bool:
 
 
 def run_chain(profile: str, run_dir: Path) -> dict:
-    assert main(["--profile", profile, "--run-name", str(run_dir)]) == 0
+    assert main(["--profile", profile, "--run-name", str(run_dir), "--log-output"]) == 0
     manifests = {s: json.loads((run_dir / s / "manifest.json").read_text()) for s in STEPS}
     assert all(m["profile"] == profile for m in manifests.values())
     return manifests
@@ -67,11 +68,24 @@ def check_chain(run_dir: Path, m: dict) -> None:
     assert [p.stem for p in executed] == list(STEPS.values())
 
 
-def test_all_notebooks_run_in_order_under_cpu_smoke(tmp_path, capsys):
+def test_all_notebooks_run_in_order_under_cpu_smoke_and_never_show_a_token(tmp_path, capsys, monkeypatch):
+    # Canary tokens, made up at run time: the notebooks can see them (01 reports them as set) but must not write
+    # them anywhere: executed notebooks, run folders, saved configs, logs.
+    canaries = {name: f"canary-{name}-{uuid.uuid4().hex}" for name in ("HF_TOKEN", "OPENAI_API_KEY")}
+    for name, value in canaries.items():
+        monkeypatch.setenv(name, value)
     run_dir = tmp_path / "smoke"
     check_chain(run_dir, run_chain("cpu-smoke", run_dir))
-    out = capsys.readouterr().out
-    assert "eval loss before -> after" in out and "total" in out
+    captured = capsys.readouterr()
+    assert "eval loss before -> after" in captured.out and "total" in captured.out
+    first = (run_dir / "executed" / "01_load_model.ipynb").read_text()
+    assert "'HF_TOKEN': 'set (value hidden)'" in first
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert len(files) > 20
+    for value in canaries.values():
+        assert value not in captured.out + captured.err, "a token reached the log"
+        leaked = [str(p) for p in files if value.encode() in p.read_bytes()]
+        assert not leaked, f"a token was written to {leaked}"
 
 
 @pytest.mark.gpu

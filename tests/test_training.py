@@ -3,13 +3,14 @@
 import math
 
 import pytest
+import torch
 from datasets import Dataset, DatasetDict
 
 from helpers.data import DataError, to_prompt_completion, tokenize_example
 from helpers.lora import add_lora, count_parameters, lora_parameter_count
 from helpers.model import load_model
 from helpers.profiles import load_profile
-from helpers.trainer import build_trainer, loss_history, train_figures
+from helpers.trainer import AnswerHeadSFTTrainer, _CrossEntropySum, build_trainer, loss_history, train_figures
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +54,34 @@ def test_trainer_refuses_rows_whose_end_would_be_cut(tiny, tmp_path):
     short = load_profile("cpu-smoke", {"model": {"max_seq_length": 96}})
     with pytest.raises(DataError, match="end-of-turn token is not among the trained labels"):
         build_trainer(model, tokenizer, splits, short, tmp_path)
+
+
+def test_cross_entropy_sum_matches_pytorch():
+    logits = torch.randn(6, 50, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([0, 3, 49, 7, 7, 12])
+    ours = _CrossEntropySum.apply(logits, targets)
+    (grad_ours,) = torch.autograd.grad(2.5 * ours, logits)
+    reference = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    (grad_reference,) = torch.autograd.grad(2.5 * reference, logits)
+    assert torch.allclose(ours, reference) and torch.allclose(grad_ours, grad_reference)
+
+
+def test_answer_head_loss_and_gradients_equal_the_models_own(tiny, tmp_path):
+    profile, _, tokenizer, _, splits = tiny
+    model = add_lora(load_model(profile)[0], profile)
+    trainer = build_trainer(model, tokenizer, splits, profile, tmp_path)
+    assert isinstance(trainer, AnswerHeadSFTTrainer)  # the CPU path
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert (batch["labels"] == -100).any() and "attention_mask" in batch
+
+    def loss_and_grads(compute):
+        model.zero_grad()
+        loss = compute()
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    ours, ours_grads = loss_and_grads(lambda: trainer.compute_loss(model, dict(batch)))
+    # The model's own loss: the full logits of every position, cross-entropy over the labelled ones
+    theirs, their_grads = loss_and_grads(lambda: model(**batch).loss)
+    assert ours == pytest.approx(theirs, rel=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(ours_grads, their_grads, strict=True))
