@@ -24,6 +24,7 @@ from helpers import ROOT
 from helpers.profiles import DataSettings
 
 FIELDS = ("subject", "system", "instruction", "response")
+PROVENANCE = ("source", "chunk")  # optional: where notebook 00 found the text of a generated pair
 SAMPLE = ROOT / "data" / "white_rabbit_sample.jsonl"
 HUB_PREFIX = "hub:"
 
@@ -116,7 +117,7 @@ def _check_row(where: str, row: Any) -> Problem | None:
     missing = [f for f in FIELDS if f not in row]
     if missing:
         return Problem(where, "missing field", f"missing field(s) {', '.join(missing)}")
-    extra = [f for f in row if f not in FIELDS]
+    extra = [f for f in row if f not in FIELDS + PROVENANCE]
     if extra:
         return Problem(where, "extra field", f"unexpected field(s) {', '.join(map(repr, extra))}; expected {FIELDS}")
     for name in FIELDS:

@@ -37,7 +37,7 @@ class ModelSettings(_Section):
 
 
 class DataSettings(_Section):
-    source: str = "sample"  # "sample", a .jsonl/.json/.parquet path, or "hub:<dataset id>"
+    source: str = "sample"  # "sample", a .jsonl/.json/.parquet path, "hub:<dataset id>", or "prepared" (notebook 00)
     max_rows: int | None = Field(None, ge=2)
     eval_rows: int = Field(20, ge=1)
     seed: int = 42
@@ -68,6 +68,24 @@ class TrainSettings(_Section):
     seed: int = 42
 
 
+class PrepareSettings(_Section):
+    """Notebook 00: raw documents -> question/answer pairs with a helper LLM."""
+
+    raw_dir: str = "data/raw"  # a folder of .html, .md and .txt files
+    backend: Literal["local", "openai"] = "local"  # local: the profile's model; openai: any compatible API
+    api_model: str = "gpt-4o-mini"  # the model an OpenAI-compatible API serves
+    base_url: str | None = None  # e.g. http://localhost:8000/v1 for vLLM, llama.cpp or Ollama
+    responses_per_chunk: int = Field(16, ge=1)  # the seed asked for 16 replies per item
+    temperature: float = Field(0.7, ge=0.0, le=2.0)  # the seed's 0.7: varied but on topic
+    pairs_per_reply: int = Field(3, ge=1)
+    chunk_words: int = Field(300, ge=50)  # keeps prompt + reply inside a small context
+    max_chunks: int | None = Field(None, ge=1)
+    max_new_tokens: int = Field(1024, ge=16)  # per reply (the local backend: per answer)
+    requests_per_minute: int = Field(500, ge=1)  # stay under the API's limits
+    tokens_per_minute: int = Field(200_000, ge=1)
+    workers: int = Field(8, ge=1)  # concurrent requests (the local backend runs one at a time)
+
+
 class InferSettings(_Section):
     max_new_tokens: int = Field(128, ge=1)
     questions: list[str] = Field(min_length=1)
@@ -89,6 +107,7 @@ class Profile(_Section):
     train: TrainSettings
     infer: InferSettings
     evaluate: EvalSettings = Field(default_factory=EvalSettings)
+    prepare: PrepareSettings = Field(default_factory=PrepareSettings)
 
 
 def list_profiles() -> list[str]:

@@ -70,7 +70,10 @@ def summary(run: RunFolder, seconds: dict[str, float]) -> str:
     data = m.get("03_dataset", {})
     train = m.get("05_train", {})
     evaluation = m.get("07_eval", {})
+    prepared = m.get("00_prepared", {})
     facts = {
+        "00 pairs written": f"{prepared.get('pairs_kept', '?')} from {prepared.get('documents', '?')} documents "
+        f"({prepared.get('backend', '?')} generator)",
         "model": f"{model.get('name', '?')} ({model.get('parameters', 0) / 1e6:.1f} M parameters, "
         f"{model.get('backend', '?')})",
         "rows": f"{data.get('train_rows', '?')} train / {data.get('eval_rows', '?')} eval "

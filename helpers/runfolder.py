@@ -23,6 +23,7 @@ RUNS_DIR = Path(os.environ.get("LLM_SCHOOL_RUNS", ROOT / "runs"))
 
 # step folder -> the notebook that writes it
 STEPS: dict[str, str] = {
+    "00_prepared": "00_prepare_data",
     "01_model": "01_load_model",
     "02_peft": "02_peft_setup",
     "03_dataset": "03_format_white_rabbit",

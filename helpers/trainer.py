@@ -172,13 +172,19 @@ def key_settings(config: SFTConfig) -> dict[str, Any]:
 
 
 def train_figures(log_history: list[dict[str, Any]]) -> dict[str, float]:
-    """Real (non-padding) tokens trained on, training seconds (evaluations excluded) and tokens/s."""
+    """Real (non-padding) tokens trained on, training seconds (evaluations excluded) and tokens/s.
+
+    After a resume the Trainer times only the resumed part and trl counts its tokens from zero again, so the
+    figures cover that part.
+    """
     seconds, eval_seconds, tokens = float("nan"), 0.0, 0
     for entry in log_history:
-        tokens = max(tokens, int(entry.get("num_tokens", 0)))
         if "train_runtime" in entry:
             seconds = entry["train_runtime"]
             break
+        if entry.get("num_tokens", tokens) < tokens:  # the token counter restarted: a resumed run
+            eval_seconds = 0.0
+        tokens = int(entry.get("num_tokens", tokens))
         eval_seconds += entry.get("eval_runtime", 0.0)
     seconds -= eval_seconds
     return {"train_tokens": tokens, "train_seconds": round(seconds, 1), "tokens_per_second": round(tokens / seconds, 1)}

@@ -8,10 +8,12 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from helpers.data import load_rows
 from helpers.lesson import cuda_available
 from helpers.profiles import load_profile
 from helpers.run import main, notebooks
 from helpers.runfolder import STEPS
+from helpers.secrets import SECRET_NAMES
 
 NOTEBOOKS = sorted(Path(__file__).resolve().parent.parent.joinpath("notebooks").glob("*.ipynb"))
 
@@ -23,6 +25,7 @@ def test_notebook_is_committed_clean_with_one_parameters_cell(path):
     assert all(not c.outputs and c.execution_count is None for c in code), "strip outputs: make clean-notebooks"
     tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1 and "PROFILE" in tagged[0].source
+    assert not any(name in tagged[0].source for name in SECRET_NAMES), "tokens come from the environment only"
     assert nb.cells[0].cell_type == "markdown" and "Learning objectives" in nb.cells[0].source
 
 
@@ -47,6 +50,8 @@ def run_chain(profile: str, run_dir: Path) -> dict:
 
 
 def check_chain(run_dir: Path, m: dict) -> None:
+    pairs = load_rows(str(run_dir / "00_prepared" / "pairs.jsonl")).rows  # notebook 00's output validates
+    assert pairs and len(pairs) == m["00_prepared"]["pairs_kept"] and all(p["where"] for p in pairs)
     assert m["01_model"]["baseline"]["answer"].strip()
     assert m["02_peft"]["trainable_share"] < 0.02
     assert (run_dir / "03_dataset" / "splits" / "train").is_dir()

@@ -85,3 +85,14 @@ def test_answer_head_loss_and_gradients_equal_the_models_own(tiny, tmp_path):
     theirs, their_grads = loss_and_grads(lambda: model(**batch).loss)
     assert ours == pytest.approx(theirs, rel=1e-5)
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(ours_grads, their_grads, strict=True))
+
+
+def test_train_figures_cover_the_resumed_part_of_a_resumed_run():
+    before_kill = [{"num_tokens": 100, "loss": 3.0}, {"eval_runtime": 5.0}, {"num_tokens": 200, "loss": 2.9}]
+    after_resume = [{"num_tokens": 90, "loss": 2.8}, {"eval_runtime": 3.0}, {"num_tokens": 180}, {"train_runtime": 23}]
+    assert train_figures(before_kill + after_resume) == {
+        "train_tokens": 180,
+        "train_seconds": 20.0,
+        "tokens_per_second": 9.0,
+    }
+    assert train_figures(before_kill + [{"train_runtime": 15}])["tokens_per_second"] == 20.0

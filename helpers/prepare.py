@@ -1,0 +1,367 @@
+"""Lesson 00: raw documents -> question/answer pairs in the White Rabbit schema, written by a helper LLM.
+
+The seed's recipe: clean the raw text (HTML, links, metadata), cut it into chunks that fit the generator's
+context, ask another LLM for question/answer pairs as JSON (temperature 0.7, 16 replies per chunk), keep the
+valid and distinct pairs. Two generators share one interface (`Generator.replies`): any OpenAI-compatible API
+(OpenAI, vLLM, llama.cpp's server, Ollama), and a local model through transformers (the embedded SmolLM2 by
+default: offline, and much weaker pairs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from tqdm.auto import tqdm
+
+from helpers.data import DataError, Problem
+
+RAW_SUFFIXES = (".html", ".htm", ".md", ".markdown", ".txt")
+SYSTEM = "You are a security expert. Answer accurately and concisely."
+PROMPT = (
+    "Read the text below and write {pairs} question-and-answer pairs that a security practitioner could answer "
+    "from it alone. Each answer is 2 to 5 self-contained sentences and never mentions 'the text'. Reply with JSON "
+    'only, in this form: {{"pairs": [{{"question": "...", "answer": "..."}}]}}\n\nTEXT:\n{text}'
+)
+FRONT_MATTER = re.compile(r"\A---\n.*?\n---\n", re.DOTALL)
+MARKDOWN_IMAGE = re.compile(r"!\[[^\]]*\]\([^)]*\)")
+MARKDOWN_LINK = re.compile(r"\[([^\]]+)\]\([^)]*\)")
+URL = re.compile(r"\(?\bhttps?://\S+")
+METADATA_LINE = re.compile(r"^(maintainer|owner|source|version|author|copyright)\b.*$", re.IGNORECASE | re.MULTILINE)
+
+
+@dataclass
+class Chunk:
+    """A piece of one document small enough for the generator; `id` changes when its text changes."""
+
+    source: str
+    index: int
+    subject: str
+    text: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.source}#{self.index}:{hashlib.sha256(self.text.encode()).hexdigest()[:12]}"
+
+
+def clean_text(raw: str, suffix: str) -> str:
+    """Plain text without HTML, navigation, links, images, front matter or metadata lines; tidy whitespace."""
+    if suffix in (".html", ".htm"):
+        import trafilatura
+
+        # trafilatura keeps the main content and drops navigation, footers, scripts and link targets
+        text = trafilatura.extract(raw, include_links=False, include_images=False, include_comments=False) or ""
+        text = (text or trafilatura.html2txt(raw)).replace("\n", "\n\n")  # one block per line
+    else:
+        text = MARKDOWN_LINK.sub(r"\1", MARKDOWN_IMAGE.sub("", FRONT_MATTER.sub("", raw)))
+    text = METADATA_LINE.sub("", URL.sub("", text))
+    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text)]
+    return "\n\n".join(p.lstrip("#").strip() for p in paragraphs if p.strip())
+
+
+def chunk_text(text: str, max_words: int) -> list[str]:
+    """Whole paragraphs packed into chunks of at most `max_words` (a longer paragraph is split by words)."""
+    chunks, current = [], []
+    for paragraph in text.split("\n\n"):
+        words = paragraph.split()
+        pieces = [words[i : i + max_words] for i in range(0, len(words), max_words)]
+        for piece in pieces:
+            if current and sum(map(len, current)) + len(piece) > max_words:
+                chunks.append("\n\n".join(" ".join(p) for p in current))
+                current = []
+            current.append(piece)
+    if current:
+        chunks.append("\n\n".join(" ".join(p) for p in current))
+    return chunks
+
+
+def read_documents(folder: str | Path, max_words: int) -> tuple[list[Chunk], list[Problem], int]:
+    """Chunks of every HTML, Markdown and text file in `folder`, the files that could not be used, and how many
+    documents were read. An unreadable or binary file is reported and skipped; a folder with no usable file is an
+    error."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"Raw document folder {folder} does not exist.")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    chunks, problems, documents = [], [], 0
+    for path in files:
+        where = str(path.relative_to(folder))
+        if path.suffix.lower() not in RAW_SUFFIXES:
+            problems.append(Problem(where, "unsupported type", f"not one of {', '.join(RAW_SUFFIXES)}"))
+            continue
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            problems.append(Problem(where, "unreadable", f"cannot be read ({err.strerror})"))
+            continue
+        try:
+            if b"\x00" in data:
+                raise UnicodeDecodeError("utf-8", data, data.index(b"\x00"), data.index(b"\x00") + 1, "NUL byte")
+            raw = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            problems.append(Problem(where, "binary", f"not UTF-8 text (byte {err.start}); is it a binary file?"))
+            continue
+        text = clean_text(raw, path.suffix.lower())
+        if not text:
+            problems.append(Problem(where, "empty", "no text left after cleaning"))
+            continue
+        documents += 1
+        subject = path.stem.replace("_", " ").replace("-", " ").capitalize()
+        chunks += [Chunk(where, i, subject, piece) for i, piece in enumerate(chunk_text(text, max_words))]
+    if not chunks:
+        found = f" ({len(files)} files: {dict(Counter(p.reason for p in problems))})" if files else ""
+        raise DataError(f"No usable documents in {folder}{found}; add .html, .md or .txt files.")
+    return chunks, problems, documents
+
+
+def parse_pairs(reply: str) -> list[dict[str, str]]:
+    """The question/answer pairs in a generator's reply: the first JSON object or list in it (code fences and
+    chatter around it are ignored). Raises ValueError when there is none."""
+    starts = [i for i in (reply.find("{"), reply.find("[")) if i >= 0]
+    if not starts:
+        raise ValueError("no JSON in the reply")
+    try:
+        value, _ = json.JSONDecoder().raw_decode(reply[min(starts) :])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"the reply is not valid JSON ({err.msg})") from None
+    pairs = value.get("pairs") if isinstance(value, dict) else value
+    if not isinstance(pairs, list):
+        raise ValueError('the JSON has no "pairs" list')
+    return [p for p in pairs if isinstance(p, dict)]
+
+
+def _normalise(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+@dataclass
+class Selection:
+    """Pairs kept as White Rabbit rows (with provenance) and what was dropped, by reason."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    dropped: Counter = field(default_factory=Counter)
+
+
+def select_pairs(replies: dict[str, list[str]], chunks: list[Chunk], similarity: float = 90.0) -> Selection:
+    """Parse every reply, drop malformed, empty, too short, duplicate and near-duplicate pairs (questions whose
+    rapidfuzz token-set similarity to a kept question is at least `similarity` out of 100)."""
+    from rapidfuzz import fuzz, process
+
+    selection, by_id, kept_questions = Selection(), {c.id: c for c in chunks}, []
+    for chunk_id, texts in replies.items():
+        chunk = by_id[chunk_id]
+        for text in texts:
+            try:
+                pairs = parse_pairs(text)
+            except ValueError:
+                selection.dropped["reply not JSON"] += 1
+                continue
+            for pair in pairs:
+                question, answer = pair.get("question"), pair.get("answer")
+                if not isinstance(question, str) or not isinstance(answer, str) or not (q := question.strip()):
+                    selection.dropped["missing or empty question"] += 1
+                elif len(answer.split()) < 5:
+                    selection.dropped["answer under 5 words"] += 1
+                elif _normalise(q) in map(_normalise, kept_questions):
+                    selection.dropped["duplicate"] += 1
+                elif process.extractOne(q, kept_questions, scorer=fuzz.token_set_ratio, score_cutoff=similarity):
+                    selection.dropped["near-duplicate"] += 1
+                else:
+                    kept_questions.append(q)
+                    row = {"subject": chunk.subject, "system": SYSTEM, "instruction": q, "response": answer.strip()}
+                    selection.rows.append({**row, "source": chunk.source, "chunk": chunk.index})
+    return selection
+
+
+class Generator(Protocol):
+    """Anything that turns a prompt into `n` replies."""
+
+    def replies(self, prompt: str, n: int, temperature: float) -> list[str]: ...
+
+
+def prompt_for(chunk: Chunk, pairs: int) -> str:
+    return PROMPT.format(pairs=pairs, text=chunk.text)
+
+
+def generate(
+    chunks: list[Chunk],
+    generator: Generator,
+    cache: str | Path,
+    n: int,
+    temperature: float,
+    pairs_per_reply: int = 3,
+    workers: int = 1,
+    on_error: Callable[[Chunk, Exception], None] | None = None,
+) -> dict[str, list[str]]:
+    """Replies for every chunk, `workers` requests at a time. Each finished chunk is appended to `cache` (JSONL)
+    at once, so an interrupted run resumes without asking again for finished chunks. A chunk whose request fails
+    for good is reported to `on_error` and left for the next run."""
+    cache = Path(cache)
+    done: dict[str, list[str]] = {}
+    if cache.is_file():
+        for line in cache.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+                done[record["id"]] = record["replies"]
+            except (ValueError, KeyError):
+                continue  # a line cut off by an interruption: that chunk is simply asked again
+    wanted = {c.id for c in chunks}
+    todo = [c for c in chunks if c.id not in done]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(max_workers=workers) as pool, cache.open("a", encoding="utf-8") as out:
+        futures = {pool.submit(generator.replies, prompt_for(c, pairs_per_reply), n, temperature): c for c in todo}
+        for future in tqdm(as_completed(futures), total=len(futures), desc="chunks", unit="chunk"):
+            chunk = futures[future]
+            try:
+                replies = future.result()
+            except Exception as err:  # one failed chunk must not lose the others
+                if on_error is None:
+                    raise
+                on_error(chunk, err)
+                continue
+            out.write(json.dumps({"id": chunk.id, "replies": replies}) + "\n")
+            out.flush()
+            done[chunk.id] = replies
+    return {key: value for key, value in done.items() if key in wanted}
+
+
+class OpenAIGenerator:
+    """Any OpenAI-compatible chat API, within a request and a token budget per window, retrying 429 and 5xx.
+
+    The budgets are enforced here with pyrate-limiter (the client's own retries are off, so that retries pass
+    through the limiter too); a 429's Retry-After is honoured. The key comes from OPENAI_API_KEY only; a local
+    server (vLLM, llama.cpp, Ollama) usually accepts any key.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str | None = None,
+        requests_per_window: int = 500,
+        tokens_per_window: int = 200_000,
+        window_seconds: float = 60.0,
+        max_tokens: int = 1024,
+        attempts: int = 6,
+    ):
+        import openai
+        from pyrate_limiter import Limiter, Rate
+
+        key = os.environ.get("OPENAI_API_KEY")
+        if not key and not base_url:
+            raise DataError(
+                "The OpenAI backend needs OPENAI_API_KEY in the environment (or a git-ignored .env file). For a "
+                "local OpenAI-compatible server, set BASE_URL instead."
+            )
+        self.client = openai.OpenAI(api_key=key or "local-server", base_url=base_url or None, max_retries=0)
+        self.model, self.max_tokens, self.attempts = model, max_tokens, attempts
+        # A request reaches the server a little after the limiter lets it go (a first one also waits for its
+        # connection), so the client's window is a quarter of a second longer than the server's.
+        window = int((window_seconds + 0.25) * 1000)  # milliseconds
+        self.request_limiter = Limiter(Rate(requests_per_window, window))
+        self.token_limiter = Limiter(Rate(tokens_per_window, window))
+        self.tokens_per_window = tokens_per_window
+
+    def _tokens(self, prompt: str, n: int) -> int:
+        """What a request may use, counted against the token budget before it is sent (~4 characters a token)."""
+        return min(len(prompt) // 4 + n * self.max_tokens, self.tokens_per_window)
+
+    def replies(self, prompt: str, n: int, temperature: float) -> list[str]:
+        import openai
+        from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+        backoff = wait_exponential(multiplier=0.5, max=30)
+
+        def wait(state) -> float:  # the server's Retry-After when it gives one, else exponential backoff
+            err = state.outcome.exception()
+            header = getattr(getattr(err, "response", None), "headers", {}).get("retry-after")
+            try:
+                return min(float(header), 60.0)
+            except (TypeError, ValueError):
+                return backoff(state)
+
+        retryable = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError)
+        for attempt in Retrying(
+            retry=retry_if_exception_type(retryable), wait=wait, stop=stop_after_attempt(self.attempts), reraise=True
+        ):
+            with attempt:
+                self.request_limiter.try_acquire("requests")
+                self.token_limiter.try_acquire("tokens", weight=self._tokens(prompt, n))
+                response = self.client.chat.completions.create(
+                    model=self.model,
+                    messages=[{"role": "user", "content": prompt}],
+                    n=n,
+                    temperature=temperature,
+                    max_tokens=self.max_tokens,
+                )
+        return [choice.message.content or "" for choice in response.choices]
+
+
+class LocalGenerator:
+    """A local chat model through transformers (the embedded SmolLM2 on CPU).
+
+    A 135M model cannot be trusted to write JSON, so it is asked for a question, then for its answer, and the
+    pair is packed as JSON here; the same parser and filters then apply as for an API.
+    """
+
+    def __init__(self, model, tokenizer, max_new_tokens: int = 160):
+        self.model, self.tokenizer, self.max_new_tokens = model, tokenizer, max_new_tokens
+
+    def _sample(self, content: str, temperature: float, max_new_tokens: int) -> str:
+        import torch
+
+        ids = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        ).to(self.model.device)
+        with torch.inference_mode():
+            out = self.model.generate(
+                **ids, do_sample=True, temperature=temperature, top_p=0.95, max_new_tokens=max_new_tokens
+            )
+        return self.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+    def replies(self, prompt: str, n: int, temperature: float) -> list[str]:
+        text = prompt.split("TEXT:\n", 1)[-1]
+        results = []
+        for _ in range(n):
+            instruction = f"{text}\n\nWrite one question that the text above answers."
+            asked = self._sample(instruction, temperature, min(48, self.max_new_tokens))
+            question = asked.splitlines()[0].strip() if asked else ""
+            answer = self._sample(
+                f"{text}\n\nUsing the text above, answer in two to four sentences: {question}",
+                temperature,
+                self.max_new_tokens,
+            )
+            results.append(json.dumps({"pairs": [{"question": question, "answer": answer}]}))
+        return results
+
+
+def write_rows(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """Write rows as JSONL through a temporary file, so a good earlier file is never half-overwritten."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    partial.replace(path)
+    return path
+
+
+def cache_path(folder: str | Path, **settings: Any) -> Path:
+    """A replies cache per generator setting: changing the backend, model or sampling never reuses old replies."""
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return Path(folder) / f"replies-{key}.jsonl"
+
+
+def push_to_hub(rows: list[dict[str, Any]], dataset_id: str) -> None:
+    """Upload the pairs as a private Hugging Face dataset (only when asked, and only with HF_TOKEN set)."""
+    token = os.environ.get("HF_TOKEN")
+    if not token:
+        raise DataError("Pushing to the Hub needs HF_TOKEN in the environment (or a git-ignored .env file).")
+    from datasets import Dataset
+
+    Dataset.from_list(rows).push_to_hub(dataset_id, private=True, token=token)
