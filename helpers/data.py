@@ -119,7 +119,8 @@ def _check_row(where: str, row: Any) -> Problem | None:
         return Problem(where, "missing field", f"missing field(s) {', '.join(missing)}")
     extra = [f for f in row if f not in FIELDS + PROVENANCE]
     if extra:
-        return Problem(where, "extra field", f"unexpected field(s) {', '.join(map(repr, extra))}; expected {FIELDS}")
+        allowed = f"{', '.join(FIELDS)} (and optionally {', '.join(PROVENANCE)})"
+        return Problem(where, "extra field", f"unexpected field(s) {', '.join(map(repr, extra))}; a row has {allowed}")
     for name in FIELDS:
         if not isinstance(row[name], str):
             return Problem(where, "wrong type", f"field {name!r} must be text, got {type(row[name]).__name__}")

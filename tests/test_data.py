@@ -39,7 +39,7 @@ def write_jsonl(path, rows):
     ("row", "message"),
     [
         ({k: v for k, v in ROW.items() if k != "response"}, "line 2: missing field.*response"),
-        ({**ROW, "source": "x"}, "line 2: unexpected field.*'source'"),
+        ({**ROW, "notes": "x"}, "line 2: unexpected field.*'notes'"),
         ({**ROW, "response": "   "}, "line 2: field 'response' is empty"),
         ({**ROW, "instruction": 7}, "line 2: field 'instruction' must be text, got int"),
         (["not", "an", "object"], "line 2: expected an object"),

@@ -242,3 +242,11 @@ def test_api_backend_without_a_key_says_where_the_key_goes(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(DataError, match="OPENAI_API_KEY in the environment"):
         OpenAIGenerator("gpt-4o-mini")
+
+
+def test_push_to_hub_needs_a_token_and_is_never_implicit(monkeypatch):
+    from helpers.prepare import push_to_hub
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(DataError, match="HF_TOKEN"):
+        push_to_hub([{"subject": "s"}], "someone/pairs")
