@@ -130,9 +130,9 @@ def _check_row(where: str, row: Any) -> Problem | None:
 
 
 def validate_rows(items: list[Item], origin: str, on_error: str = "stop") -> LoadedRows:
-    """Check every row: an object with exactly the four White Rabbit fields as text, a non-empty instruction and
-    response, not a duplicate of an earlier row. `on_error="stop"` raises at the first problem (naming file, row
-    and field); `"skip"` leaves such rows out and counts them."""
+    """Check every row: an object with the four White Rabbit fields as text (plus optional provenance), a non-empty
+    instruction and response, not a duplicate of an earlier row. `on_error="stop"` raises at the first problem
+    (naming file, row and field); `"skip"` leaves such rows out and counts them."""
     loaded, seen = LoadedRows(origin, []), {}
     for where, row in items:
         problem = row if isinstance(row, Problem) else _check_row(where, row)
