@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +50,6 @@ class Problem:
 class LoadedRows:
     """Validated rows (each with `where` it came from: file and line) and the problems skipped on the way."""
 
-    origin: str
     rows: list[dict[str, Any]]
     problems: list[Problem] = field(default_factory=list)
 
@@ -58,7 +58,12 @@ class LoadedRows:
         return dict(Counter(p.reason for p in self.problems))
 
 
-Item = tuple[str, Any]  # (where, the parsed row or a Problem)
+Item = tuple[str, Any]
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased words without punctuation: how texts are compared (duplicates here and in notebook 00, token F1)."""
+    return re.sub(r"[^\w\s]", " ", text.lower()).split()  # (where, the parsed row or a Problem)
 
 
 def _read_jsonl(path: Path) -> list[Item]:
@@ -133,11 +138,11 @@ def validate_rows(items: list[Item], origin: str, on_error: str = "stop") -> Loa
     """Check every row: an object with the four White Rabbit fields as text (plus optional provenance), a non-empty
     instruction and response, not a duplicate of an earlier row. `on_error="stop"` raises at the first problem
     (naming file, row and field); `"skip"` leaves such rows out and counts them."""
-    loaded, seen = LoadedRows(origin, []), {}
+    loaded, seen = LoadedRows([]), {}
     for where, row in items:
         problem = row if isinstance(row, Problem) else _check_row(where, row)
         if problem is None:
-            key = tuple(" ".join(row[f].split()).lower() for f in ("system", "instruction", "response"))
+            key = tuple(tuple(words(row[f])) for f in ("system", "instruction", "response"))
             if key in seen:
                 problem = Problem(where, "duplicate", f"duplicate of {seen[key]}")
             seen.setdefault(key, where)
@@ -217,16 +222,16 @@ def show_label_mask(tokenizer: PreTrainedTokenizerBase, input_ids: list[int], la
 def _truncate_answer(tokenizer: PreTrainedTokenizerBase, row: dict[str, str], max_length: int) -> dict | None:
     """The row with its response cut to the most whole words that fit max_length with the end-of-turn token kept;
     None when even the prompt does not fit."""
-    words = row["response"].split()
-    low, high = 0, len(words)  # invariant: `low` words fit (or none do)
+    answer = row["response"].split()
+    low, high = 0, len(answer)  # invariant: `low` words fit (or none do)
     while low < high:
         middle = (low + high + 1) // 2
-        candidate = {**row, "response": " ".join(words[:middle])}
+        candidate = {**row, "response": " ".join(answer[:middle])}
         if len(tokenize_example(tokenizer, to_prompt_completion(candidate))["input_ids"]) <= max_length:
             low = middle
         else:
             high = middle - 1
-    return {**row, "response": " ".join(words[:low])} if low else None
+    return {**row, "response": " ".join(answer[:low])} if low else None
 
 
 def build_splits(

@@ -8,7 +8,6 @@ established metrics (ROUGE-L from rouge-score, BLEU and chrF from sacrebleu, tok
 from __future__ import annotations
 
 import math
-import re
 import statistics
 from collections import Counter, defaultdict
 from typing import Any
@@ -20,19 +19,15 @@ from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from helpers.data import tokenize_example
+from helpers.data import tokenize_example, words
 from helpers.inference import compare_base_and_tuned
 
 METRICS = ("rougeL", "bleu", "chrf", "token_f1")
 
 
-def _normalise(text: str) -> list[str]:
-    return re.sub(r"[^\w\s]", " ", text.lower()).split()
-
-
 def token_f1(prediction: str, reference: str) -> float:
     """Bag-of-words F1 between two texts (lower-cased, punctuation removed), as in SQuAD."""
-    pred, ref = _normalise(prediction), _normalise(reference)
+    pred, ref = words(prediction), words(reference)
     common = sum((Counter(pred) & Counter(ref)).values())
     if not pred or not ref or not common:
         return 0.0

@@ -20,9 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import openai
+import torch
+import trafilatura
+from datasets import Dataset
+from pyrate_limiter import Limiter, Rate
+from rapidfuzz import fuzz, process
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 from tqdm.auto import tqdm
 
-from helpers.data import DataError, Problem
+from helpers.data import DataError, Problem, words
+from helpers.model import load_model
+from helpers.profiles import PrepareSettings, Profile
 
 RAW_SUFFIXES = (".html", ".htm", ".md", ".markdown", ".txt")
 SYSTEM = "You are a security expert. Answer accurately and concisely."
@@ -55,8 +64,6 @@ class Chunk:
 def clean_text(raw: str, suffix: str) -> str:
     """Plain text without HTML, navigation, links, images, front matter or metadata lines; tidy whitespace."""
     if suffix in (".html", ".htm"):
-        import trafilatura
-
         # trafilatura keeps the main content and drops navigation, footers, scripts and link targets
         text = trafilatura.extract(raw, include_links=False, include_images=False, include_comments=False) or ""
         text = (text or trafilatura.html2txt(raw)).replace("\n", "\n\n")  # one block per line
@@ -138,10 +145,6 @@ def parse_pairs(reply: str) -> list[dict[str, str]]:
     return [p for p in pairs if isinstance(p, dict)]
 
 
-def _normalise(text: str) -> str:
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
-
-
 @dataclass
 class Selection:
     """Pairs kept as White Rabbit rows (with provenance) and what was dropped, by reason."""
@@ -153,9 +156,7 @@ class Selection:
 def select_pairs(replies: dict[str, list[str]], chunks: list[Chunk], similarity: float = 90.0) -> Selection:
     """Parse every reply, drop malformed, empty, too short, duplicate and near-duplicate pairs (questions whose
     rapidfuzz token-set similarity to a kept question is at least `similarity` out of 100)."""
-    from rapidfuzz import fuzz, process
-
-    selection, by_id, kept_questions = Selection(), {c.id: c for c in chunks}, []
+    selection, by_id, kept_questions, seen = Selection(), {c.id: c for c in chunks}, [], set()
     for chunk_id, texts in replies.items():
         chunk = by_id[chunk_id]
         for text in texts:
@@ -170,21 +171,22 @@ def select_pairs(replies: dict[str, list[str]], chunks: list[Chunk], similarity:
                     selection.dropped["missing or empty question"] += 1
                 elif len(answer.split()) < 5:
                     selection.dropped["answer under 5 words"] += 1
-                elif _normalise(q) in map(_normalise, kept_questions):
+                elif tuple(words(q)) in seen:
                     selection.dropped["duplicate"] += 1
                 elif process.extractOne(q, kept_questions, scorer=fuzz.token_set_ratio, score_cutoff=similarity):
                     selection.dropped["near-duplicate"] += 1
                 else:
                     kept_questions.append(q)
+                    seen.add(tuple(words(q)))
                     row = {"subject": chunk.subject, "system": SYSTEM, "instruction": q, "response": answer.strip()}
                     selection.rows.append({**row, "source": chunk.source, "chunk": chunk.index})
     return selection
 
 
 class Generator(Protocol):
-    """Anything that turns a prompt into `n` replies."""
+    """Anything that turns a chunk into `n` replies holding question/answer pairs as JSON."""
 
-    def replies(self, prompt: str, n: int, temperature: float) -> list[str]: ...
+    def replies(self, chunk: Chunk, n: int, temperature: float) -> list[str]: ...
 
 
 def prompt_for(chunk: Chunk, pairs: int) -> str:
@@ -197,7 +199,6 @@ def generate(
     cache: str | Path,
     n: int,
     temperature: float,
-    pairs_per_reply: int = 3,
     workers: int = 1,
     on_error: Callable[[Chunk, Exception], None] | None = None,
 ) -> dict[str, list[str]]:
@@ -217,7 +218,7 @@ def generate(
     todo = [c for c in chunks if c.id not in done]
     cache.parent.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=workers) as pool, cache.open("a", encoding="utf-8") as out:
-        futures = {pool.submit(generator.replies, prompt_for(c, pairs_per_reply), n, temperature): c for c in todo}
+        futures = {pool.submit(generator.replies, c, n, temperature): c for c in todo}
         for future in tqdm(as_completed(futures), total=len(futures), desc="chunks", unit="chunk"):
             chunk = futures[future]
             try:
@@ -231,6 +232,19 @@ def generate(
             out.flush()
             done[chunk.id] = replies
     return {key: value for key, value in done.items() if key in wanted}
+
+
+RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError)
+_backoff = wait_exponential(multiplier=0.5, max=30)
+
+
+def _retry_wait(state) -> float:
+    """The server's Retry-After when it gives one (at most a minute), else exponential backoff."""
+    response = getattr(state.outcome.exception(), "response", None)
+    try:
+        return min(float(response.headers["retry-after"]), 60.0)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return _backoff(state)
 
 
 class OpenAIGenerator:
@@ -249,11 +263,9 @@ class OpenAIGenerator:
         tokens_per_window: int = 200_000,
         window_seconds: float = 60.0,
         max_tokens: int = 1024,
+        pairs_per_reply: int = 3,
         attempts: int = 6,
     ):
-        import openai
-        from pyrate_limiter import Limiter, Rate
-
         key = os.environ.get("OPENAI_API_KEY")
         if not key and not base_url:
             raise DataError(
@@ -261,7 +273,7 @@ class OpenAIGenerator:
                 "local OpenAI-compatible server, set BASE_URL instead."
             )
         self.client = openai.OpenAI(api_key=key or "local-server", base_url=base_url or None, max_retries=0)
-        self.model, self.max_tokens, self.attempts = model, max_tokens, attempts
+        self.model, self.max_tokens, self.pairs_per_reply, self.attempts = model, max_tokens, pairs_per_reply, attempts
         # A request reaches the server a little after the limiter lets it go (a first one also waits for its
         # connection), so the client's window is a quarter of a second longer than the server's.
         window = int((window_seconds + 0.25) * 1000)  # milliseconds
@@ -273,23 +285,13 @@ class OpenAIGenerator:
         """What a request may use, counted against the token budget before it is sent (~4 characters a token)."""
         return min(len(prompt) // 4 + n * self.max_tokens, self.tokens_per_window)
 
-    def replies(self, prompt: str, n: int, temperature: float) -> list[str]:
-        import openai
-        from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
-
-        backoff = wait_exponential(multiplier=0.5, max=30)
-
-        def wait(state) -> float:  # the server's Retry-After when it gives one, else exponential backoff
-            err = state.outcome.exception()
-            header = getattr(getattr(err, "response", None), "headers", {}).get("retry-after")
-            try:
-                return min(float(header), 60.0)
-            except (TypeError, ValueError):
-                return backoff(state)
-
-        retryable = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError)
+    def replies(self, chunk: Chunk, n: int, temperature: float) -> list[str]:
+        prompt = prompt_for(chunk, self.pairs_per_reply)
         for attempt in Retrying(
-            retry=retry_if_exception_type(retryable), wait=wait, stop=stop_after_attempt(self.attempts), reraise=True
+            retry=retry_if_exception_type(RETRYABLE),
+            wait=_retry_wait,
+            stop=stop_after_attempt(self.attempts),
+            reraise=True,
         ):
             with attempt:
                 self.request_limiter.try_acquire("requests")
@@ -315,8 +317,6 @@ class LocalGenerator:
         self.model, self.tokenizer, self.max_new_tokens = model, tokenizer, max_new_tokens
 
     def _sample(self, content: str, temperature: float, max_new_tokens: int) -> str:
-        import torch
-
         ids = self.tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], add_generation_prompt=True, return_tensors="pt", return_dict=True
         ).to(self.model.device)
@@ -326,9 +326,8 @@ class LocalGenerator:
             )
         return self.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
-    def replies(self, prompt: str, n: int, temperature: float) -> list[str]:
-        text = prompt.split("TEXT:\n", 1)[-1]
-        results = []
+    def replies(self, chunk: Chunk, n: int, temperature: float) -> list[str]:
+        text, results = chunk.text, []
         for _ in range(n):
             instruction = f"{text}\n\nWrite one question that the text above answers."
             asked = self._sample(instruction, temperature, min(48, self.max_new_tokens))
@@ -343,18 +342,35 @@ class LocalGenerator:
 
 
 def write_rows(rows: list[dict[str, Any]], path: str | Path) -> Path:
-    """Write rows as JSONL through a temporary file, so a good earlier file is never half-overwritten."""
+    """Rows as JSONL (into the step's staging folder: the run folder renames it into place when complete)."""
     path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    partial.replace(path)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
 
 
-def cache_path(folder: str | Path, **settings: Any) -> Path:
-    """A replies cache per generator setting: changing the backend, model or sampling never reuses old replies."""
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return Path(folder) / f"replies-{key}.jsonl"
+def make_generator(profile: Profile, settings: PrepareSettings) -> tuple[Generator, str]:
+    """The generator the settings ask for, and its model's name."""
+    if settings.backend == "openai":
+        generator = OpenAIGenerator(
+            settings.api_model,
+            base_url=settings.base_url,
+            requests_per_window=settings.requests_per_minute,
+            tokens_per_window=settings.tokens_per_minute,
+            max_tokens=settings.max_new_tokens,
+            pairs_per_reply=settings.pairs_per_reply,
+        )
+        return generator, settings.api_model
+    model, tokenizer, card = load_model(profile)
+    return LocalGenerator(model, tokenizer, max_new_tokens=settings.max_new_tokens), card.name
+
+
+def cache_path(folder: str | Path, generator_name: str, settings: PrepareSettings) -> Path:
+    """A replies cache per generator and settings: another backend, model or sampling never reuses old replies."""
+    sampling = settings.model_dump(
+        include={"backend", "responses_per_chunk", "temperature", "pairs_per_reply", "max_new_tokens"}
+    )
+    key = json.dumps([generator_name, sampling], sort_keys=True)
+    return Path(folder) / f"replies-{hashlib.sha256(key.encode()).hexdigest()[:12]}.jsonl"
 
 
 def push_to_hub(rows: list[dict[str, Any]], dataset_id: str) -> None:
@@ -362,6 +378,4 @@ def push_to_hub(rows: list[dict[str, Any]], dataset_id: str) -> None:
     token = os.environ.get("HF_TOKEN")
     if not token:
         raise DataError("Pushing to the Hub needs HF_TOKEN in the environment (or a git-ignored .env file).")
-    from datasets import Dataset
-
     Dataset.from_list(rows).push_to_hub(dataset_id, private=True, token=token)
