@@ -9,12 +9,15 @@ Executed copies go to runs/<name>/executed/, never back into notebooks/.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from helpers import ROOT
+from helpers.exercises import results
 from helpers.profiles import ProfileError, load_profile
 from helpers.runfolder import STEPS, RunFolder
 
@@ -25,9 +28,10 @@ class NotebookFailed(RuntimeError):
     """A notebook raised; the message names it, the cell and where the executed copy is."""
 
 
-def notebooks(only: list[str] | None = None) -> list[Path]:
-    """The ordered notebooks that write a step, optionally only those whose name starts with one of `only`."""
-    found = [NOTEBOOKS_DIR / f"{name}.ipynb" for name in STEPS.values()]
+def notebooks(only: list[str] | None = None, folder: Path = NOTEBOOKS_DIR) -> list[Path]:
+    """The ordered notebooks that write a step (from `folder`: a learner's copies, say), optionally only those whose
+    name starts with one of `only`."""
+    found = [folder / f"{name}.ipynb" for name in STEPS.values() if (folder / f"{name}.ipynb").is_file()]
     if only:
         found = [p for p in found if any(p.stem.startswith(prefix) for prefix in only)]
     return found
@@ -37,6 +41,7 @@ def execute(notebook: Path, run: RunFolder, profile_name: str, log_output: bool 
     """Execute one notebook with papermill into the run folder; return its wall time in seconds."""
     import papermill as pm
 
+    os.environ["LLM_SCHOOL_HEADLESS"] = "1"  # the kernel inherits it: widgets stay quiet, nothing waits for a click
     executed = run.root / "executed" / notebook.name
     executed.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -87,6 +92,7 @@ def summary(run: RunFolder, seconds: dict[str, float]) -> str:
         "07 ROUGE-L base -> tuned": f"{_fmt(evaluation.get('rougeL_base'))} -> {_fmt(evaluation.get('rougeL_tuned'))}",
         "07 general Qs ROUGE-L": f"{_fmt(evaluation.get('forgetting_rougeL_base'))} -> "
         f"{_fmt(evaluation.get('forgetting_rougeL_tuned'))}",
+        "exercises": ", ".join(f"{n} {v}" for v, n in Counter(results(run).values()).items()) or "none checked",
         "adapter": train.get("adapter", "not trained"),
     }
     width = max(map(len, facts))
@@ -102,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="cpu-lab", help="profile name or YAML path (default: cpu-lab)")
     parser.add_argument("--run-name", default=None, help="run folder name under runs/ (default: the profile name)")
     parser.add_argument("--only", nargs="*", help="notebook prefixes to run, e.g. 01 02")
+    parser.add_argument("--notebooks", type=Path, default=NOTEBOOKS_DIR, help="folder of notebooks (e.g. solutions)")
     parser.add_argument("--log-output", action="store_true", help="stream cell outputs to the terminal")
     args = parser.parse_args(argv)
     try:
@@ -111,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run = RunFolder.open(args.run_name or profile.name, profile.name)
     seconds: dict[str, float] = {}
-    for notebook in notebooks(args.only):
+    for notebook in notebooks(args.only, args.notebooks):
         print(f"\n=== {notebook.stem} ({profile.name}) ===", flush=True)
         try:
             seconds[notebook.stem] = execute(notebook, run, args.profile, args.log_output)

@@ -9,11 +9,13 @@ import nbformat
 import pytest
 
 from helpers.data import load_rows
+from helpers.exercises import EXERCISES
 from helpers.lesson import cuda_available
 from helpers.profiles import load_profile
-from helpers.run import main, notebooks
+from helpers.run import NOTEBOOKS_DIR, main, notebooks
 from helpers.runfolder import STEPS
 from helpers.secrets import SECRET_NAMES
+from helpers.solutions import write_solutions
 
 NOTEBOOKS = sorted(Path(__file__).resolve().parent.parent.joinpath("notebooks").glob("*.ipynb"))
 
@@ -71,6 +73,8 @@ def check_chain(run_dir: Path, m: dict) -> None:
     assert (run_dir / "07_eval" / "metrics.png").is_file()
     executed = sorted((run_dir / "executed").glob("*.ipynb"))
     assert [p.stem for p in executed] == list(STEPS.values())
+    verdicts = json.loads((run_dir / "exercises.json").read_text())
+    assert set(verdicts) == set(EXERCISES), "every notebook's exercise check ran"
 
 
 def test_all_notebooks_run_in_order_under_cpu_smoke_and_never_show_a_token(tmp_path, capsys, monkeypatch):
@@ -81,6 +85,7 @@ def test_all_notebooks_run_in_order_under_cpu_smoke_and_never_show_a_token(tmp_p
         monkeypatch.setenv(name, value)
     run_dir = tmp_path / "smoke"
     check_chain(run_dir, run_chain("cpu-smoke", run_dir))
+    assert set(json.loads((run_dir / "exercises.json").read_text()).values()) == {"not answered"}
     captured = capsys.readouterr()
     assert "eval loss before -> after" in captured.out and "total" in captured.out
     first = (run_dir / "executed" / "01_load_model.ipynb").read_text()
@@ -91,6 +96,31 @@ def test_all_notebooks_run_in_order_under_cpu_smoke_and_never_show_a_token(tmp_p
         assert value not in captured.out + captured.err, "a token reached the log"
         leaked = [str(p) for p in files if value.encode() in p.read_bytes()]
         assert not leaked, f"a token was written to {leaked}"
+
+
+def test_solution_copies_run_and_every_exercise_checks_correct(tmp_path):
+    write_solutions(tmp_path / "solutions")
+    run_dir = tmp_path / "solved"
+    assert main(["--profile", "cpu-smoke", "--run-name", str(run_dir), "--notebooks", str(tmp_path / "solutions")]) == 0
+    assert json.loads((run_dir / "exercises.json").read_text()) == {e: "correct" for e in EXERCISES}
+
+
+def test_appendix_compares_trainer_and_sfttrainer(tmp_path):
+    import papermill as pm
+
+    run_dir = tmp_path / "appendix"
+    pm.execute_notebook(
+        str(NOTEBOOKS_DIR / "A1_trainer_vs_sfttrainer.ipynb"),
+        str(tmp_path / "A1.ipynb"),
+        parameters={"PROFILE": "cpu-smoke", "RUN_NAME": str(run_dir), "ROWS": 16, "STEPS": 4},
+        cwd=str(NOTEBOOKS_DIR),
+        kernel_name="python3",
+    )
+    result = json.loads((run_dir / "appendix_trainer_vs_sft.json").read_text())
+    assert result["plain_trainer_trained_tokens"] > result["sft_trained_tokens"] > 0
+    assert result["packed_sequences"] < result["examples"]
+    losses = result["answer_loss"]
+    assert losses["trainer"] < losses["base"] and losses["sft_trainer"] < losses["base"]
 
 
 @pytest.mark.gpu

@@ -1,0 +1,144 @@
+"""Exercises with self-checks.
+
+Every notebook has exercises: an objective, a task, a difficulty (★ to ★★★) and a cell where the learner writes an
+answer (`None` until they do). `check(...)` works out the expected answer from the lesson's own objects, says
+whether the learner got it, and records the result in the run folder (`exercises.json`), so an instructor's class
+run shows who solved what. Solutions live apart from the student notebooks, in `solutions/answers.py`;
+`python -m helpers.solutions` writes solution copies of the notebooks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from helpers.runfolder import RunFolder
+
+
+@dataclass(frozen=True)
+class Exercise:
+    id: str
+    level: str
+    task: str
+    hint: str
+    expected: Callable[..., Any]  # the right answer, from the lesson's objects
+    tolerance: float = 0.0  # relative, for numbers
+
+
+def _read_documents(raw_dir, words: int):
+    from helpers.prepare import read_documents
+
+    return read_documents(raw_dir, words)
+
+
+def _tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _longest_row(tokenizer, rows) -> int:
+    from helpers.data import to_prompt_completion, tokenize_example
+
+    lengths = [len(tokenize_example(tokenizer, to_prompt_completion(row))["input_ids"]) for row in rows]
+    return lengths.index(max(lengths))
+
+
+EXERCISES = {
+    e.id: e
+    for e in [
+        Exercise(
+            "00.1", "★", "How many chunks do the raw documents become with chunk_words=150 instead of the profile's?",
+            "read_documents(raw_dir, 150) keeps whole paragraphs together; a chunk never crosses two documents.",
+            lambda raw_dir: len(_read_documents(raw_dir, 150)[0]),
+        ),
+        Exercise(
+            "01.1", "★", "How many tokens is the text 'What is a SYN flood?' (no special tokens)?",
+            "tokenizer(text, add_special_tokens=False)['input_ids'] lists them; words and tokens differ.",
+            lambda tokenizer: _tokens(tokenizer, "What is a SYN flood?"),
+        ),
+        Exercise(
+            "02.1", "★★", "Change r to 8 (same targets): how many trainable parameters will LoRA add?",
+            "Each targeted linear layer of shape out x in gets r * (in + out). The count is linear in r.",
+            lambda model, targets: _lora_count(model, 8, targets),
+        ),
+        Exercise(
+            "03.1", "★★", "Find the row (its index in `rows`) that max_length would cut off first: the longest one.",
+            "tokenize_example(tokenizer, to_prompt_completion(row)) gives the ids; compare their lengths.",
+            lambda tokenizer, rows: _longest_row(tokenizer, rows),
+        ),
+        Exercise(
+            "04.1", "★", "How many tokens of the first training example carry a loss (label other than -100)?",
+            "The trainer's train_dataset has a labels column; the prompt's labels are -100.",
+            lambda dataset: sum(label != -100 for label in dataset[0]["labels"]),
+        ),
+        Exercise(
+            "05.1", "★", "At which step was the logged training loss lowest?",
+            "history['train'] is a list of (step, loss) pairs.",
+            lambda history: min(history["train"], key=lambda point: point[1])[0],
+        ),
+        Exercise(
+            "06.1", "★★", "Generate with eos_token_id=None, so the model is never told where its answer ends: how "
+            "many new tokens come back?",
+            "Without an end-of-turn token to stop at, generation runs until the budget is spent.",
+            lambda max_new_tokens: max_new_tokens,
+        ),
+        Exercise(
+            "07.1", "★", "What is the tuned model's perplexity on the held-out answers, from its mean answer loss?",
+            "Perplexity is exp(mean cross-entropy per token).",
+            lambda loss: math.exp(loss),
+            tolerance=1e-3,
+        ),
+    ]
+}  # fmt: skip
+
+
+def _lora_count(model, r: int, targets: list[str]) -> int:
+    from helpers.widgets import lora_estimate
+
+    return lora_estimate(model, r, targets)["trainable"]
+
+
+def task(exercise_id: str) -> None:
+    """Print an exercise's difficulty and task (the notebooks show it above the answer cell)."""
+    e = EXERCISES[exercise_id]
+    print(f"Exercise {e.id} {e.level}: {e.task}")
+
+
+def check(run: RunFolder | None, exercise_id: str, answer: Any, **context: Any) -> bool:
+    """Say whether `answer` is right and record it in the run folder; an unanswered exercise fails nothing."""
+    e = EXERCISES[exercise_id]
+    expected = e.expected(**context)
+    if answer is None:
+        verdict, ok = "not answered", False
+        print(f"Exercise {e.id}: not answered yet. Write your answer in the cell above and run both cells again.")
+    else:
+        ok = _matches(answer, expected, e.tolerance)
+        verdict = "correct" if ok else "wrong"
+        print(f"Exercise {e.id}: correct." if ok else f"Exercise {e.id}: not yet ({answer!r}). Hint: {e.hint}")
+    if run is not None:
+        _record(run, exercise_id, verdict)
+    return ok
+
+
+def _matches(answer: Any, expected: Any, tolerance: float) -> bool:
+    if isinstance(expected, float) or tolerance:
+        try:
+            return math.isclose(float(answer), float(expected), rel_tol=tolerance or 1e-9)
+        except (TypeError, ValueError):
+            return False
+    return answer == expected
+
+
+def _record(run: RunFolder, exercise_id: str, verdict: str) -> None:
+    path = run.root / "exercises.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results[exercise_id] = verdict
+    path.write_text(json.dumps(dict(sorted(results.items())), indent=2))
+
+
+def results(run: RunFolder) -> dict[str, str]:
+    """Each exercise's last verdict in this run folder: correct, wrong or not answered."""
+    path = run.root / "exercises.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
