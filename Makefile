@@ -8,7 +8,7 @@ PROFILE ?= cpu-lab
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test scan-secrets bench lab lint clean-notebooks clean
+.PHONY: setup demo test scan-secrets bench lab lint clean-notebooks solutions clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,10 @@ scan-secrets: setup  # pragma: allowlist secret
 bench: setup
 	$(BIN)/python benchmarks/model_load.py
 	$(BIN)/python benchmarks/train_throughput.py
+
+# Solution copies of the notebooks (exercise answers filled in) for instructors: solutions/notebooks/
+solutions: setup
+	$(BIN)/python -m helpers.solutions
 
 lab: setup
 	$(BIN)/jupyter lab notebooks/

@@ -61,7 +61,7 @@ EXERCISES = {
         Exercise(
             "02.1", "★★", "Change r to 8 (same targets): how many trainable parameters will LoRA add?",
             "Each targeted linear layer of shape out x in gets r * (in + out). The count is linear in r.",
-            lambda model, targets: _lora_count(model, 8, targets),
+            lambda model, targets: _lora_count(model, targets),
         ),
         Exercise(
             "03.1", "★★", "Find the row (its index in `rows`) that max_length would cut off first: the longest one.",
@@ -94,10 +94,10 @@ EXERCISES = {
 }  # fmt: skip
 
 
-def _lora_count(model, r: int, targets: list[str]) -> int:
-    from helpers.widgets import lora_estimate
+def _lora_count(model, targets: list[str]) -> int:
+    from helpers.lora import count_lora_parameters
 
-    return lora_estimate(model, r, targets)["trainable"]
+    return count_lora_parameters(model, 8, targets)
 
 
 def task(exercise_id: str) -> None:

@@ -57,11 +57,14 @@ def count_parameters(model: PreTrainedModel) -> tuple[int, int]:
 
 
 def lora_parameter_count(model: PreTrainedModel, settings: LoraSettings) -> int:
-    """Parameters LoRA adds, computed by hand: r * (in + out) for every targeted linear layer."""
-    import torch
+    """Parameters LoRA adds with a profile's settings, computed by hand (see count_lora_parameters)."""
+    return count_lora_parameters(model, settings.r, settings.target_modules)
 
-    count = 0
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in settings.target_modules:
-            count += settings.r * (module.in_features + module.out_features)
-    return count
+
+def count_lora_parameters(model: PreTrainedModel, r: int, target_modules: list[str]) -> int:
+    """r * (in + out) for every targeted linear layer, plain or already wrapped by PEFT."""
+    return sum(
+        r * (module.in_features + module.out_features)
+        for name, module in model.named_modules()
+        if name.split(".")[-1] in target_modules and hasattr(module, "in_features")
+    )

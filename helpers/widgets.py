@@ -19,6 +19,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer, TrainerCallback
 
 from helpers.data import to_prompt_completion, tokenize_example
+from helpers.lora import count_lora_parameters
 from helpers.profiles import LoraSettings
 
 MASKED, TRAINED, END = "#9E9E9E", "#1B7F3B", "#C0392B"
@@ -103,11 +104,7 @@ def lora_estimate(model: PreTrainedModel, r: int, target_modules: list[str]) -> 
     Memory: the frozen base as loaded, plus 16 bytes per trainable weight (fp32 weight, gradient and Adam's two
     moments). Activations come on top and grow with batch size and sequence length.
     """
-    trainable = sum(
-        r * (module.in_features + module.out_features)
-        for name, module in model.named_modules()
-        if name.split(".")[-1] in target_modules and hasattr(module, "in_features")  # plain or PEFT-wrapped
-    )
+    trainable = count_lora_parameters(model, r, target_modules)
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     total = sum(p.numel() for p in model.parameters())
     return {
