@@ -127,10 +127,10 @@ def linear_names(model: PreTrainedModel) -> list[str]:
 
 def lora_controls(model: PreTrainedModel, settings: LoraSettings) -> widgets.VBox:
     """Rank, alpha and target modules; the trainable count, share, scale and memory estimate follow live."""
-    rank = widgets.SelectionSlider(options=[1, 2, 4, 8, 16, 32, 64, 128], value=settings.r, description="r")
-    alpha = widgets.SelectionSlider(
-        options=[1, 2, 4, 8, 16, 32, 64, 128, 256], value=settings.alpha, description="alpha"
-    )
+    powers = {2**i for i in range(9)}  # 1 to 256, and the profile's own values
+    rank = widgets.SelectionSlider(options=sorted(powers | {settings.r}), value=settings.r, description="r")
+    alphas = sorted(powers | {settings.alpha})
+    alpha = widgets.SelectionSlider(options=alphas, value=settings.alpha, description="alpha")
     targets = widgets.SelectMultiple(
         options=linear_names(model), value=tuple(settings.target_modules), description="targets", rows=7
     )

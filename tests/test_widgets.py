@@ -75,6 +75,8 @@ def test_lora_controls_update_live(smoke, smoke_model):
     assert f"{lora_estimate(model, 32, ['q_proj', 'v_proj'])['trainable']:,}" in result.value
     alpha.value = 64
     assert "alpha/r = 2" in result.value
+    odd = lora_controls(model, smoke.lora.model_copy(update={"r": 12, "alpha": 24}))  # not powers of two
+    assert "alpha/r = 2" in odd.children[1].value
 
 
 def test_live_loss_plot_collects_quietly_when_headless(monkeypatch):
