@@ -67,7 +67,15 @@ def lab(tmp_path_factory):
         nbformat.write(nb, served / f"{name}.ipynb")
     port, token = _free_port(), secrets.token_hex(16)
     env = {k: v for k, v in os.environ.items() if k != "LLM_SCHOOL_HEADLESS"}  # a learner's interactive kernel
-    env.update(JUPYTER_CONFIG_DIR=str(base / "config"), JUPYTER_RUNTIME_DIR=str(base / "runtime"))
+    # All cells rendered at all times (JupyterLab otherwise detaches cells scrolled out of view mid-test).
+    settings = base / "settings" / "@jupyterlab" / "notebook-extension"
+    settings.mkdir(parents=True)
+    (settings / "tracker.jupyterlab-settings").write_text('{"windowingMode": "none"}')
+    env.update(
+        JUPYTER_CONFIG_DIR=str(base / "config"),
+        JUPYTER_RUNTIME_DIR=str(base / "runtime"),
+        JUPYTERLAB_SETTINGS_DIR=str(base / "settings"),
+    )
     server = subprocess.Popen(
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
          f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={served}",
@@ -129,15 +137,15 @@ def test_dataset_browser_renders_and_follows_the_slider(browser, lab):
     widget = page.locator(".llm-school-dataset-browser")
     widget.wait_for(timeout=180_000)
     output(page, "03 self-check passed").wait_for(timeout=180_000)
-    widget.scroll_into_view_if_needed()  # the notebook renders only the cells in view
+    widget.scroll_into_view_if_needed()
     summary = widget.locator(".widget-html").first
     summary.get_by_text("trained").wait_for()
-    first = summary.inner_text()
+    first = summary.text_content()
     assert "tokens" in first and "trained" in first
     widget.locator(".noUi-handle").first.focus()
     page.keyboard.press("ArrowRight")
     page.wait_for_function(
-        "([el, before]) => el.innerText !== before", arg=[summary.element_handle(), first], timeout=30_000
+        "([el, before]) => el.textContent !== before", arg=[summary.element_handle(), first], timeout=30_000
     )
     assert widget.locator("span[title='end of turn: trained']").count() == 1, "the mask marks the end-of-turn token"
     widget.scroll_into_view_if_needed()
