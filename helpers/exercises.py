@@ -132,10 +132,8 @@ def _matches(answer: Any, expected: Any, tolerance: float) -> bool:
 
 
 def _record(run: RunFolder, exercise_id: str, verdict: str) -> None:
-    path = run.root / "exercises.json"
-    results = json.loads(path.read_text()) if path.is_file() else {}
-    results[exercise_id] = verdict
-    path.write_text(json.dumps(dict(sorted(results.items())), indent=2))
+    verdicts = {**results(run), exercise_id: verdict}
+    (run.root / "exercises.json").write_text(json.dumps(dict(sorted(verdicts.items())), indent=2))
 
 
 def results(run: RunFolder) -> dict[str, str]:

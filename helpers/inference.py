@@ -23,6 +23,16 @@ def prepare_for_inference(model: PreTrainedModel, profile: Profile) -> PreTraine
     return model
 
 
+def chat_inputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, question: str, system: str = ""):
+    """The question (after an optional system message) in the chat template, ready for `model.generate`."""
+    messages = [{"role": "user", "content": question}]
+    if system:
+        messages.insert(0, {"role": "system", "content": system})
+    return tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    ).to(model.device)
+
+
 @torch.inference_mode()
 def generate(
     model: PreTrainedModel,
@@ -33,12 +43,7 @@ def generate(
     stream: bool = False,
 ) -> dict[str, Any]:
     """Greedy answer to one question; `stream=True` prints tokens as they come."""
-    messages = [{"role": "user", "content": question}]
-    if system:
-        messages.insert(0, {"role": "system", "content": system})
-    inputs = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    ).to(model.device)
+    inputs = chat_inputs(model, tokenizer, question, system)
     start = time.perf_counter()
     output = model.generate(
         **inputs,

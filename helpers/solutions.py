@@ -25,10 +25,13 @@ def load_answers(path: Path = ANSWERS) -> dict[str, str]:
     return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
+def _answer_cells(nb: nbformat.NotebookNode) -> list[nbformat.NotebookNode]:
+    return [c for c in nb.cells if "exercise" in c.metadata.get("tags", [])]
+
+
 def exercise_ids(notebook: Path) -> list[str]:
     """The exercises whose answer cells a notebook has (cells tagged `exercise`)."""
-    nb = nbformat.read(notebook, as_version=4)
-    return [c.metadata["exercise"] for c in nb.cells if "exercise" in c.metadata.get("tags", [])]
+    return [c.metadata["exercise"] for c in _answer_cells(nbformat.read(notebook, as_version=4))]
 
 
 def write_solutions(out: Path, answers: dict[str, str] | None = None) -> list[Path]:
@@ -38,7 +41,7 @@ def write_solutions(out: Path, answers: dict[str, str] | None = None) -> list[Pa
     written = []
     for notebook in sorted(NOTEBOOKS.glob("*.ipynb")):
         nb = nbformat.read(notebook, as_version=4)
-        cells = [c for c in nb.cells if "exercise" in c.metadata.get("tags", [])]
+        cells = _answer_cells(nb)
         if not cells:
             continue
         for cell in cells:

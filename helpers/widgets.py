@@ -19,7 +19,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer, TrainerCallback
 
 from helpers.data import to_prompt_completion, tokenize_example
+from helpers.inference import chat_inputs
 from helpers.lora import count_lora_parameters
+from helpers.plots import loss_curve
 from helpers.profiles import LoraSettings
 
 MASKED, TRAINED, END = "#9E9E9E", "#1B7F3B", "#C0392B"
@@ -32,10 +34,9 @@ def headless() -> bool:
         return True
     try:
         from IPython import get_ipython
-
-        return get_ipython() is None or not hasattr(get_ipython(), "kernel")
     except ImportError:
         return True
+    return not hasattr(get_ipython(), "kernel")  # None outside IPython; a terminal IPython has no kernel
 
 
 # ---- 03: dataset browser --------------------------------------------------------------------------------------
@@ -183,19 +184,9 @@ class LiveLossPlot(TrainerCallback):
         import matplotlib.pyplot as plt
         from IPython.display import display
 
-        if self._figure is None:
-            self._figure, _ = plt.subplots(figsize=(7, 3))
-            plt.close(self._figure)  # shown through the display handle only, not again at the cell's end
-        ax = self._figure.axes[0]
-        ax.clear()
-        if self.train:
-            ax.plot(*zip(*self.train, strict=True), label="train loss", color="#4C72B0")
-        if self.eval:
-            ax.plot(*zip(*self.eval, strict=True), "o-", label="eval loss", color="#DD8452")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.legend(loc="upper right")
-        ax.set_title(f"live: step {self.train[-1][0] if self.train else 0}")
+        step = self.train[-1][0] if self.train else 0
+        self._figure = loss_curve({"train": self.train, "eval": self.eval}, title=f"live: step {step}")
+        plt.close(self._figure)  # shown through the display handle only, not again at the cell's end
         if self._handle is None:
             self._handle = display(self._figure, display_id=True)
         else:
@@ -228,12 +219,7 @@ class ChatPanel:
         self.widget.add_class("llm-school-chat-panel")
 
     def _stream(self, target: widgets.Textarea, adapter: bool) -> None:
-        messages = [{"role": "user", "content": self.question.value}]
-        if self.system:
-            messages.insert(0, {"role": "system", "content": self.system})
-        inputs = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        ).to(self.model.device)
+        inputs = chat_inputs(self.model, self.tokenizer, self.question.value, self.system)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
 
         def run() -> None:
