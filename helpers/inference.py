@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 
-from helpers.lesson import uses_unsloth
+from helpers.backend import uses_unsloth
 from helpers.profiles import Profile
 
 

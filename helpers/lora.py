@@ -7,7 +7,7 @@ from pathlib import Path
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
-from helpers.lesson import uses_unsloth
+from helpers.backend import uses_unsloth
 from helpers.profiles import LoraSettings, Profile
 
 
@@ -23,9 +23,12 @@ def lora_config(settings: LoraSettings) -> LoraConfig:
     )
 
 
-def add_lora(model: PreTrainedModel, profile: Profile) -> PeftModel:
-    """Freeze the base model and add fresh LoRA adapters (Unsloth's own wrapper on its GPU path)."""
-    settings = profile.lora
+def add_lora(model: PreTrainedModel, profile: Profile, settings: LoraSettings | None = None) -> PeftModel:
+    """Freeze the base model and add fresh LoRA adapters (Unsloth's own wrapper on its GPU path).
+
+    `settings` replaces the profile's `lora` section (04 and 05 pass what notebook 02 saved).
+    """
+    settings = settings or profile.lora
     if uses_unsloth(profile):
         from unsloth import FastLanguageModel
 
@@ -54,11 +57,6 @@ def count_parameters(model: PreTrainedModel) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
-
-
-def lora_parameter_count(model: PreTrainedModel, settings: LoraSettings) -> int:
-    """Parameters LoRA adds with a profile's settings, computed by hand (see count_lora_parameters)."""
-    return count_lora_parameters(model, settings.r, settings.target_modules)
 
 
 def count_lora_parameters(model: PreTrainedModel, r: int, target_modules: list[str]) -> int:

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from helpers import ROOT
-from helpers.lesson import uses_unsloth
+from helpers.backend import uses_unsloth
 from helpers.profiles import Profile
 
 EMBEDDED = "embedded"

@@ -19,7 +19,8 @@ from typing import Any
 from helpers import ROOT
 from helpers.exercises import results
 from helpers.profiles import ProfileError, load_profile
-from helpers.runfolder import STEPS, RunFolder
+from helpers.runfolder import RUN_LOCK, RunFolder, RunInUseError, RunNameError
+from helpers.steps import STEPS
 
 NOTEBOOKS_DIR = ROOT / "notebooks"
 
@@ -31,7 +32,8 @@ class NotebookFailed(RuntimeError):
 def notebooks(only: list[str] | None = None, folder: Path = NOTEBOOKS_DIR) -> list[Path]:
     """The ordered notebooks that write a step (from `folder`: a learner's copies, say), optionally only those whose
     name starts with one of `only`."""
-    found = [folder / f"{name}.ipynb" for name in STEPS.values() if (folder / f"{name}.ipynb").is_file()]
+    names = [step.notebook for step in STEPS.values() if step.in_chain]
+    found = [folder / f"{name}.ipynb" for name in names if (folder / f"{name}.ipynb").is_file()]
     if only:
         found = [p for p in found if any(p.stem.startswith(prefix) for prefix in only)]
     return found
@@ -42,6 +44,7 @@ def execute(notebook: Path, run: RunFolder, profile_name: str, log_output: bool 
     import papermill as pm
 
     os.environ["LLM_SCHOOL_HEADLESS"] = "1"  # the kernel inherits it: widgets stay quiet, nothing waits for a click
+    os.environ["LLM_SCHOOL_RUNS"] = str(run.root.parent)  # so the kernel finds the run folder by its plain name
     executed = run.root / "executed" / notebook.name
     executed.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -49,7 +52,7 @@ def execute(notebook: Path, run: RunFolder, profile_name: str, log_output: bool 
         pm.execute_notebook(
             str(notebook),
             str(executed),
-            parameters={"PROFILE": profile_name, "RUN_NAME": str(run.root)},
+            parameters={"PROFILE": profile_name, "RUN_NAME": run.root.name},
             cwd=str(NOTEBOOKS_DIR),
             kernel_name="python3",
             progress_bar=True,
@@ -111,21 +114,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--notebooks", type=Path, default=NOTEBOOKS_DIR, help="folder of notebooks (e.g. solutions)")
     parser.add_argument("--log-output", action="store_true", help="stream cell outputs to the terminal")
     args = parser.parse_args(argv)
+    # A profile given as a path is resolved here: the kernels run in notebooks/, not in the caller's folder.
+    profile_arg = str(Path(args.profile).resolve()) if Path(args.profile).suffix in {".yaml", ".yml"} else args.profile
     try:
-        profile = load_profile(args.profile)
-    except ProfileError as err:
+        profile = load_profile(profile_arg)
+        run = RunFolder.open(args.run_name or profile.name, profile.name)
+        run.lock(RUN_LOCK)
+    except (ProfileError, RunNameError, RunInUseError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    run = RunFolder.open(args.run_name or profile.name, profile.name)
     seconds: dict[str, float] = {}
-    for notebook in notebooks(args.only, args.notebooks):
-        print(f"\n=== {notebook.stem} ({profile.name}) ===", flush=True)
-        try:
-            seconds[notebook.stem] = execute(notebook, run, args.profile, args.log_output)
-        except NotebookFailed as err:
-            print(f"\nerror: {err}", file=sys.stderr)
-            print(summary(run, seconds))
-            return 1
+    try:
+        for notebook in notebooks(args.only, args.notebooks):
+            print(f"\n=== {notebook.stem} ({profile.name}) ===", flush=True)
+            try:
+                seconds[notebook.stem] = execute(notebook, run, profile_arg, args.log_output)
+            except NotebookFailed as err:
+                print(f"\nerror: {err}", file=sys.stderr)
+                print(summary(run, seconds))
+                return 1
+    finally:
+        run.unlock(RUN_LOCK)
     print("\n" + summary(run, seconds))
     return 0
 

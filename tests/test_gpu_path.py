@@ -19,7 +19,7 @@ import zipfile
 import pytest
 
 from helpers import ROOT
-from helpers.lesson import HardwareError, check_hardware, cuda_available
+from helpers.backend import HardwareError, check_hardware, cuda_available
 from helpers.profiles import list_profiles, load_profile
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -55,12 +55,12 @@ class UnslothStandIn:
 @pytest.fixture
 def fake_gpu_with_unsloth_stand_in(monkeypatch):
     """CUDA reported present and `unsloth` importable as the stand-in: the helpers take their GPU branch."""
-    import helpers.lesson
+    import helpers.backend
 
     module = types.ModuleType("unsloth")
     module.FastLanguageModel = UnslothStandIn
     monkeypatch.setitem(sys.modules, "unsloth", module)
-    monkeypatch.setattr(helpers.lesson, "cuda_available", lambda: True)
+    monkeypatch.setattr(helpers.backend, "cuda_available", lambda: True)
     UnslothStandIn.calls = []
     return UnslothStandIn
 

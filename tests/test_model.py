@@ -2,7 +2,7 @@ import copy
 
 import pytest
 
-from helpers.lesson import HardwareError, check_hardware, cuda_available, uses_unsloth
+from helpers.backend import HardwareError, check_hardware, cuda_available, uses_unsloth
 from helpers.model import ModelSourceError, end_of_turn_token, ensure_chat_template, prepare_tokenizer, resolve_model
 from helpers.profiles import load_profile
 

@@ -10,7 +10,7 @@ import pytest
 
 from helpers.data import load_rows
 from helpers.exercises import EXERCISES
-from helpers.lesson import cuda_available
+from helpers.backend import cuda_available
 from helpers.profiles import load_profile
 from helpers.run import NOTEBOOKS_DIR, main, notebooks
 from helpers.runfolder import STEPS
