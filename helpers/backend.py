@@ -6,6 +6,7 @@ Every other module asks here, so the choice is made in one place.
 from __future__ import annotations
 
 import importlib.util
+from typing import Any
 
 from helpers.profiles import Profile, list_profiles
 
@@ -48,3 +49,17 @@ def check_hardware(profile: Profile) -> None:
             f"Profile {profile.name!r} uses Unsloth, which is not installed: "
             "pip install -r requirements-gpu.txt (on a machine with a CUDA GPU)."
         )
+
+
+def gpu_memory() -> dict[str, Any] | None:
+    """GPU name, total and peak reserved memory in GiB (None on CPU)."""
+    if not cuda_available():
+        return None
+    import torch
+
+    gib = 1024**3
+    return {
+        "gpu": torch.cuda.get_device_name(0),
+        "total_gib": round(torch.cuda.get_device_properties(0).total_memory / gib, 2),
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / gib, 2),
+    }

@@ -27,6 +27,7 @@ from helpers.profiles import DataSettings
 FIELDS = ("subject", "system", "instruction", "response")
 PROVENANCE = ("source", "chunk")  # optional: where notebook 00 found the text of a generated pair
 SAMPLE = ROOT / "data" / "white_rabbit_sample.jsonl"
+GENERAL_QUESTIONS = ROOT / "data" / "general_questions.jsonl"  # non-security questions: the forgetting check
 HUB_PREFIX = "hub:"
 
 
@@ -187,6 +188,11 @@ def to_prompt_completion(row: dict[str, str]) -> dict[str, Any]:
         "completion": [{"role": "assistant", "content": row["response"]}],
         "subject": row["subject"],
     }
+
+
+def load_general_questions(limit: int) -> list[dict[str, Any]]:
+    """The first `limit` general, non-security questions shipped in data/, as prompt-completion examples."""
+    return [to_prompt_completion(row) for row in load_rows(str(GENERAL_QUESTIONS)).rows[:limit]]
 
 
 def tokenize_example(tokenizer: PreTrainedTokenizerBase, example: dict[str, Any]) -> dict[str, list[int]]:

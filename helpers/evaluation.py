@@ -76,11 +76,16 @@ def answer_losses(
     return results
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss): the 'how many tokens was it choosing between' reading of a mean cross-entropy loss."""
+    return math.exp(loss) if loss < 50 else float("inf")
+
+
 def summarise_losses(per_example: list[dict[str, float]]) -> dict[str, float]:
     """Token-weighted mean answer loss and its perplexity."""
     tokens = sum(r["tokens"] for r in per_example)
     loss = sum(r["loss_sum"] for r in per_example) / tokens
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens}
+    return {"loss": loss, "perplexity": perplexity(loss), "tokens": tokens}
 
 
 def compare_losses(

@@ -3,7 +3,7 @@
 Every notebook has exercises: an objective, a task, a difficulty (★ to ★★★) and a cell where the learner writes an
 answer (`None` until they do). `check(...)` works out the expected answer from the lesson's own objects, says
 whether the learner got it, and records the result in the run folder (`exercises.json`), so an instructor's class
-run shows who solved what. Solutions live apart from the student notebooks, in `solutions/answers.py`;
+run shows who solved what. Solutions live apart from the student notebooks, in `solutions/answers.yaml`;
 `python -m helpers.solutions` writes solution copies of the notebooks.
 """
 
@@ -15,7 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from helpers.runfolder import RunFolder
+from helpers.runfolder import RunFolder, write_json_atomic
+
+EXERCISES_FILE = "exercises.json"  # each exercise's last verdict, per run folder
 
 
 @dataclass(frozen=True)
@@ -87,11 +89,17 @@ EXERCISES = {
         Exercise(
             "07.1", "★", "What is the tuned model's perplexity on the held-out answers, from its mean answer loss?",
             "Perplexity is exp(mean cross-entropy per token).",
-            lambda loss: math.exp(loss),
+            lambda loss: _perplexity(loss),
             tolerance=1e-3,
         ),
     ]
 }  # fmt: skip
+
+
+def _perplexity(loss: float) -> float:
+    from helpers.evaluation import perplexity
+
+    return perplexity(loss)
 
 
 def _lora_count(model, targets: list[str]) -> int:
@@ -133,10 +141,13 @@ def _matches(answer: Any, expected: Any, tolerance: float) -> bool:
 
 def _record(run: RunFolder, exercise_id: str, verdict: str) -> None:
     verdicts = {**results(run), exercise_id: verdict}
-    (run.root / "exercises.json").write_text(json.dumps(dict(sorted(verdicts.items())), indent=2))
+    write_json_atomic(run.root / EXERCISES_FILE, dict(sorted(verdicts.items())))  # a torn file would break checks
 
 
 def results(run: RunFolder) -> dict[str, str]:
     """Each exercise's last verdict in this run folder: correct, wrong or not answered."""
-    path = run.root / "exercises.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    path = run.root / EXERCISES_FILE
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:  # written atomically since; an older torn file must not break every later check
+        return {}

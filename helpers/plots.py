@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt  # headless runs fall back to the Agg backend by themselves
+from matplotlib.figure import Figure
 
 
-def _finish(fig, path: str | Path | None):
-    """Lay out the figure and save it when a path is given."""
+def _finish(fig: Figure) -> Figure:
+    """Lay out the figure (notebooks show it; `helpers.steps` saves it with its step)."""
     fig.tight_layout()
-    if path:
-        fig.savefig(path, dpi=120)
     return fig
 
 
-def token_length_histogram(lengths: list[int], max_length: int, path: str | Path | None = None):
+def token_length_histogram(lengths: list[int], max_length: int) -> Figure:
     """Histogram of tokens per example, with the max_length cut-off marked."""
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.hist(lengths, bins=30, color="#4C72B0")
@@ -25,10 +23,10 @@ def token_length_histogram(lengths: list[int], max_length: int, path: str | Path
     ax.set_ylabel("examples")
     ax.set_title("How long are the training examples?")
     ax.legend()
-    return _finish(fig, path)
+    return _finish(fig)
 
 
-def loss_curve(history: dict[str, list[tuple[int, float]]], path: str | Path | None = None, title: str = ""):
+def loss_curve(history: dict[str, list[tuple[int, float]]], title: str = "") -> Figure:
     """Training loss per logged step, with evaluation loss points on top."""
     fig, ax = plt.subplots(figsize=(7, 3.5))
     if history["train"]:
@@ -42,19 +40,19 @@ def loss_curve(history: dict[str, list[tuple[int, float]]], path: str | Path | N
     ax.set_title(title or "Loss during training")
     ax.legend()
     ax.grid(alpha=0.3)
-    return _finish(fig, path)
+    return _finish(fig)
 
 
-def before_after_bars(values: dict[str, Any], path: str | Path | None = None, ylabel: str = "eval loss"):
+def before_after_bars(values: dict[str, Any], ylabel: str = "eval loss") -> Figure:
     """Bars for a before/after comparison such as eval loss of base vs tuned."""
     fig, ax = plt.subplots(figsize=(4.5, 3.5))
     bars = ax.bar(list(values), list(values.values()), color=["#8C8C8C", "#55A868"][: len(values)])
     ax.bar_label(bars, fmt="%.3f")
     ax.set_ylabel(ylabel)
-    return _finish(fig, path)
+    return _finish(fig)
 
 
-def metric_bars(base: dict[str, float], tuned: dict[str, float], metrics: tuple[str, ...], path=None, title=""):
+def metric_bars(base: dict[str, float], tuned: dict[str, float], metrics: tuple[str, ...], title="") -> Figure:
     """Grouped bars, base vs tuned, one group per metric (each on its own axis: scales differ)."""
     fig, axes = plt.subplots(1, len(metrics), figsize=(2.4 * len(metrics), 3.2))
     for ax, metric in zip(axes, metrics, strict=True):
@@ -63,10 +61,10 @@ def metric_bars(base: dict[str, float], tuned: dict[str, float], metrics: tuple[
         ax.set_title(metric)
         ax.margins(y=0.2)
     fig.suptitle(title or "Generated answers vs references (higher is better)")
-    return _finish(fig, path)
+    return _finish(fig)
 
 
-def subject_bars(per_subject: dict[str, dict[str, float]], path=None):
+def subject_bars(per_subject: dict[str, dict[str, float]]) -> Figure:
     """Answer loss per subject, base vs tuned, horizontal bars."""
     subjects = list(per_subject)
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(subjects) + 1.2))
@@ -80,4 +78,4 @@ def subject_bars(per_subject: dict[str, dict[str, float]], path=None):
     ax.set_yticks(list(positions), [f"{s} ({per_subject[s]['rows']})" for s in subjects])
     ax.set_xlabel("answer loss on held-out rows (lower is better)")
     ax.legend()
-    return _finish(fig, path)
+    return _finish(fig)

@@ -34,7 +34,6 @@ from helpers.model import load_model
 from helpers.profiles import PrepareSettings, Profile
 
 RAW_SUFFIXES = (".html", ".htm", ".md", ".markdown", ".txt")
-SYSTEM = "You are a security expert. Answer accurately and concisely."
 PROMPT = (
     "Read the text below and write {pairs} question-and-answer pairs that a security practitioner could answer "
     "from it alone. Each answer is 2 to 5 self-contained sentences and never mentions 'the text'. Reply with JSON "
@@ -153,9 +152,12 @@ class Selection:
     dropped: Counter = field(default_factory=Counter)
 
 
-def select_pairs(replies: dict[str, list[str]], chunks: list[Chunk], similarity: float = 90.0) -> Selection:
+def select_pairs(
+    replies: dict[str, list[str]], chunks: list[Chunk], system: str, similarity: float = 90.0
+) -> Selection:
     """Parse every reply, drop malformed, empty, too short, duplicate and near-duplicate pairs (questions whose
-    rapidfuzz token-set similarity to a kept question is at least `similarity` out of 100)."""
+    rapidfuzz token-set similarity to a kept question is at least `similarity` out of 100). Kept pairs become rows
+    with `system` (the profile's `infer.system_prompt`) as their system message."""
     selection, by_id, kept_questions, seen = Selection(), {c.id: c for c in chunks}, [], set()
     for chunk_id, texts in replies.items():
         chunk = by_id[chunk_id]
@@ -178,7 +180,7 @@ def select_pairs(replies: dict[str, list[str]], chunks: list[Chunk], similarity:
                 else:
                     kept_questions.append(q)
                     seen.add(tuple(words(q)))
-                    row = {"subject": chunk.subject, "system": SYSTEM, "instruction": q, "response": answer.strip()}
+                    row = {"subject": chunk.subject, "system": system, "instruction": q, "response": answer.strip()}
                     selection.rows.append({**row, "source": chunk.source, "chunk": chunk.index})
     return selection
 
@@ -193,7 +195,7 @@ def prompt_for(chunk: Chunk, pairs: int) -> str:
     return PROMPT.format(pairs=pairs, text=chunk.text)
 
 
-def generate(
+def generate_replies(
     chunks: list[Chunk],
     generator: Generator,
     cache: str | Path,

@@ -1,7 +1,8 @@
 """Profiles: YAML files in `profiles/` that choose model, data and hyperparameters.
 
 One typed loader reads them; unknown keys and wrong types are errors that name the
-file and the field.
+file and the field. A profile may start with `extends: <profile>` (`base` holds what all share): the
+parent is read first and the profile's own values are merged over it, section by section.
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ class PrepareSettings(_Section):
 
 
 class InferSettings(_Section):
+    # One system prompt for the whole lesson: 01's baseline, 06's answers and 00's generated rows use it.
+    system_prompt: str = Field(min_length=1)
     max_new_tokens: int = Field(128, ge=1)
     questions: list[str] = Field(min_length=1)
 
@@ -110,9 +113,12 @@ class Profile(_Section):
     prepare: PrepareSettings = Field(default_factory=PrepareSettings)
 
 
+BASE = "base"  # profiles/base.yaml: shared values, not a profile by itself
+
+
 def list_profiles() -> list[str]:
     """Names of the profiles shipped in `profiles/`."""
-    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml") if p.stem != BASE)
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -125,8 +131,7 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def load_profile(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> Profile:
-    """Read and validate a profile by name (`cpu-lab`) or path, with optional nested overrides."""
+def _profile_path(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.suffix not in {".yaml", ".yml"}:
         path = PROFILES_DIR / f"{name_or_path}.yaml"
@@ -134,14 +139,38 @@ def load_profile(name_or_path: str | Path, overrides: dict[str, Any] | None = No
         raise ProfileError(
             f"Unknown profile {str(name_or_path)!r}: no file {path}. Available profiles: {', '.join(list_profiles())}."
         )
+    return path
+
+
+def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The profile's raw mapping with its `extends` chain merged in (a parent is looked up among the profiles)."""
+    if path in seen:
+        raise ProfileError(f"Profile {path} extends itself: {' -> '.join(p.stem for p in (*seen, path))}.")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ProfileError(f"Profile {path} is not valid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise ProfileError(f"Profile {path} must be a mapping of sections, got {type(raw).__name__}.")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise ProfileError(f"Profile {path}: extends must be a profile name, got {parent!r}.")
+    parent_path = PROFILES_DIR / f"{parent}.yaml"
+    if not parent_path.is_file():
+        raise ProfileError(f"Profile {path} extends {parent!r}, but there is no {parent_path}.")
+    inherited = _read(parent_path, (*seen, path))
+    for own in ("name", "description"):  # a profile names and describes itself
+        inherited.pop(own, None)
+    return _merge(inherited, raw)
+
+
+def load_profile(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> Profile:
+    """Read and validate a profile by name (`cpu-lab`) or path, with optional nested overrides."""
+    path = _profile_path(name_or_path)
     try:
-        return Profile.model_validate(_merge(raw, overrides or {}))
+        return Profile.model_validate(_merge(_read(path), overrides or {}))
     except ValidationError as err:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {repr(e.get('input'))[:80]})" for e in err.errors()

@@ -1,20 +1,23 @@
-"""Lessons 04 and 05: configure trl's SFTTrainer from a profile, train, and keep the figures."""
+"""Lessons 04 and 05: configure trl's SFTTrainer from a profile, and train safely (resume, disk, GPU memory).
+
+The CPU loss lives in `helpers/cpu_loss.py`, reading the trainer's log in `helpers/training_log.py`.
+"""
 
 from __future__ import annotations
 
 import errno
 import json
-import math
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import is_peft_model
 from datasets import DatasetDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
+from helpers.backend import bf16_available, cuda_available
+from helpers.cpu_loss import AnswerHeadSFTTrainer
 from helpers.data import DataError, check_end_of_turn_trained
 from helpers.profiles import Profile
 
@@ -45,8 +48,7 @@ KEY_FIELDS = (
 def sft_config(profile: Profile, output_dir: str | Path) -> SFTConfig:
     """Every SFTConfig choice comes from the profile; only hardware-dependent ones are derived here."""
     train = profile.train
-    cuda = torch.cuda.is_available()
-    bf16 = cuda and torch.cuda.is_bf16_supported()
+    cuda, bf16 = cuda_available(), bf16_available()
     return SFTConfig(
         output_dir=str(output_dir),
         max_steps=train.max_steps,
@@ -79,61 +81,6 @@ def sft_config(profile: Profile, output_dir: str | Path) -> SFTConfig:
     )
 
 
-class _CrossEntropySum(torch.autograd.Function):
-    """Summed cross-entropy whose backward writes softmax minus one-hot in place.
-
-    PyTorch's own backward zero-fills a (positions x vocabulary) gradient, scatters into it and runs the log-softmax
-    backward: three passes over ~25 M numbers per step on the embedded model. This is one.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        log_probs = logits.log_softmax(-1)
-        ctx.save_for_backward(log_probs, targets)
-        return -log_probs.gather(1, targets[:, None]).sum()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        log_probs, targets = ctx.saved_tensors
-        grad_logits = log_probs.exp_()  # the softmax, reusing the saved buffer (a step runs backward once)
-        grad_logits[torch.arange(len(targets)), targets] -= 1
-        return grad_logits.mul_(grad), None
-
-
-class AnswerHeadSFTTrainer(SFTTrainer):
-    """SFTTrainer whose loss sends only the answer positions through the LM head.
-
-    Without Triton (on CPU), trl's fused LM head scores every position, prompt and padding included, over the whole
-    vocabulary, and again in the backward pass: half of a training step on the embedded model. Projecting only the
-    positions that carry a label gives the same loss and gradients in about two thirds of the time
-    (benchmarks/train_throughput.py). Of trl's metrics it logs token accuracy and the token count; entropy, another
-    pass over the whole vocabulary per position, is left out.
-    """
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if return_outputs:  # only asked for when logits are wanted; keep trl's path for that
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        mode = "train" if model.training else "eval"
-        causal_lm = self.accelerator.unwrap_model(model)
-        causal_lm = causal_lm.get_base_model() if is_peft_model(causal_lm) else causal_lm
-        model_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
-        hidden = causal_lm.base_model(**model_inputs, use_cache=False).last_hidden_state
-        labels = inputs["labels"][:, 1:]
-        answer = labels != -100
-        targets = labels[answer]
-        logits = causal_lm.get_output_embeddings()(hidden[:, :-1][answer]).float()
-        count = num_items_in_batch if num_items_in_batch is not None else answer.sum().clamp(min=1)
-        loss = _CrossEntropySum.apply(logits, targets) / count
-        with torch.no_grad():
-            metrics = self._metrics[mode]
-            metrics["mean_token_accuracy"].append((logits.argmax(-1) == targets).float().mean().item())
-            if mode == "train":
-                mask = inputs.get("attention_mask")
-                self._total_train_tokens += int(mask.sum()) if mask is not None else inputs["position_ids"].size(1)
-            metrics["num_tokens"] = [self._total_train_tokens]
-        return loss
-
-
 def build_trainer(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -148,7 +95,7 @@ def build_trainer(
     `config` replaces the profile's SFTConfig (the throughput benchmark varies it).
     """
     # trl's own fused head is the better one where Triton runs (GPU): it never builds the full logits
-    trainer_class = SFTTrainer if torch.cuda.is_available() else AnswerHeadSFTTrainer
+    trainer_class = SFTTrainer if cuda_available() else AnswerHeadSFTTrainer
     trainer = trainer_class(
         model=model,
         args=config or sft_config(profile, output_dir),
@@ -169,44 +116,6 @@ def build_trainer(
 def key_settings(config: SFTConfig) -> dict[str, Any]:
     """The SFTConfig fields worth reading, as plain values."""
     return {name: getattr(config, name) for name in KEY_FIELDS}
-
-
-def train_figures(log_history: list[dict[str, Any]]) -> dict[str, float]:
-    """Real (non-padding) tokens trained on, training seconds (evaluations excluded) and tokens/s.
-
-    After a resume the Trainer times only the resumed part and trl counts its tokens from zero again, so the
-    figures cover that part.
-    """
-    seconds, eval_seconds, tokens = float("nan"), 0.0, 0
-    for entry in log_history:
-        if "train_runtime" in entry:
-            seconds = entry["train_runtime"]
-            break
-        if entry.get("num_tokens", tokens) < tokens:  # the token counter restarted: a resumed run
-            eval_seconds = 0.0
-        tokens = int(entry.get("num_tokens", tokens))
-        eval_seconds += entry.get("eval_runtime", 0.0)
-    seconds -= eval_seconds
-    return {"train_tokens": tokens, "train_seconds": round(seconds, 1), "tokens_per_second": round(tokens / seconds, 1)}
-
-
-def perplexity(loss: float) -> float:
-    """exp(loss), the 'how many tokens was it choosing between' reading of a loss."""
-    return math.exp(loss) if loss < 50 else float("inf")
-
-
-def loss_history(
-    log_history: list[dict[str, Any]], eval_before: float | None = None
-) -> dict[str, list[tuple[int, float]]]:
-    """(step, loss) pairs for training and evaluation from `trainer.state.log_history`.
-
-    `eval_before`, the eval loss measured before `train()` (which resets the log), becomes step 0.
-    """
-    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
-    evals = sorted({e["step"]: e["eval_loss"] for e in log_history if "eval_loss" in e}.items())
-    if eval_before is not None:
-        evals.insert(0, (0, eval_before))
-    return {"train": train, "eval": evals}
 
 
 class DiskSpaceError(OSError):

@@ -6,7 +6,6 @@ asks the chat panel a question, and saves screenshots to runs/test-output/browse
 unless LLM_SCHOOL_REQUIRE_BROWSER is set (as in .ci/run, which installs it).
 """
 
-import json
 import os
 import secrets
 import shutil
@@ -51,18 +50,16 @@ def _free_port() -> int:
 def lab(tmp_path_factory):
     """Steps 01-05 done headlessly under cpu-smoke, then JupyterLab serving copies of 03 and 06 pointed at them."""
     base = tmp_path_factory.mktemp("browser")
-    run_dir = base / "run"
-    assert (
-        run_notebooks(["--profile", "cpu-smoke", "--run-name", str(run_dir), "--only", "01", "02", "03", "04", "05"])
-        == 0
-    )
+    run_dir, runs_before = base / "run", os.environ.get("LLM_SCHOOL_RUNS")
+    os.environ["LLM_SCHOOL_RUNS"] = str(base)  # the runner's and JupyterLab's kernels find run folders here
+    assert run_notebooks(["--profile", "cpu-smoke", "--run-name", "run", "--only", "01", "02", "03", "04", "05"]) == 0
     served = base / "lab"
     served.mkdir()
     for name in ("03_format_white_rabbit", "06_infer"):
         nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
         params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
         params.source = params.source.replace('PROFILE = "cpu-lab"', 'PROFILE = "cpu-smoke"').replace(
-            'RUN_NAME = "cpu-lab"', f"RUN_NAME = {json.dumps(str(run_dir))}"
+            'RUN_NAME = "cpu-lab"', 'RUN_NAME = "run"'
         )
         nbformat.write(nb, served / f"{name}.ipynb")
     port, token = _free_port(), secrets.token_hex(16)
@@ -96,6 +93,10 @@ def lab(tmp_path_factory):
     yield {"url": url, "token": token, "run": run_dir}
     os.killpg(server.pid, signal.SIGTERM)
     server.wait(timeout=30)
+    if runs_before is None:
+        os.environ.pop("LLM_SCHOOL_RUNS", None)
+    else:
+        os.environ["LLM_SCHOOL_RUNS"] = runs_before
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """Exercises, their solutions, and the classroom runner."""
 
-import json
 import math
 from pathlib import Path
 
@@ -58,9 +57,6 @@ def test_check_says_and_records_correct_wrong_and_unanswered(tmp_path, tokenizer
 
 def test_classroom_runs_each_learner_and_reports_failures(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LLM_SCHOOL_RUNS", str(tmp_path / "runs"))
-    import helpers.runfolder
-
-    monkeypatch.setattr(helpers.runfolder, "RUNS_DIR", tmp_path / "runs")
     made = init(tmp_path / "class", ["ada", "bob"])
     assert [p.name for p in made] == ["ada", "bob"] and len(list(made[0].glob("*.ipynb"))) == len(NOTEBOOKS)
     # ada answers exercise 01.1; bob breaks a cell of notebook 01
@@ -82,5 +78,4 @@ def test_classroom_runs_each_learner_and_reports_failures(tmp_path, monkeypatch,
     assert "ValueError: bob was here" in by_name["bob"].failed and "01_load_model" in by_name["bob"].failed
     text = table(outcome)
     assert "| ada | 01 | 1/1 |" in text and "| bob | none | 0/0 |" in text
-    manifest = json.loads((by_name["ada"].run.root / "01_model" / "manifest.json").read_text())
-    assert manifest["profile"] == "cpu-smoke"
+    assert by_name["ada"].run.require("01_model")["profile"] == "cpu-smoke"

@@ -22,8 +22,6 @@ from helpers import ROOT
 from helpers.backend import HardwareError, check_hardware, cuda_available
 from helpers.profiles import list_profiles, load_profile
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
 
 class UnslothStandIn:
     """Stand-in for `unsloth.FastLanguageModel` (a test double, not Unsloth): records calls, loads with transformers."""
@@ -142,22 +140,21 @@ def test_start_lesson_imports_unsloth_before_transformers(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    from llama_shapes import build
-
+    from helpers.llama_shapes import build
     from helpers.model import EMBEDDED, resolve_model
 
     return build("tiny", tmp_path_factory.mktemp("models") / "tiny", resolve_model(EMBEDDED))
 
 
 def test_llama_shapes_match_llama_31_8b():
-    from llama_shapes import parameter_count
+    from helpers.llama_shapes import parameter_count
 
     assert parameter_count("llama31-8b") == 8_030_261_248  # Llama 3.1 8B's published parameter count
 
 
 def test_benchmark_worker_and_table_on_cpu(tiny_llama):
     """benchmarks/gpu_finetune.py's plain LoRA variant on CPU with the tiny shape: the code path, not the speed."""
-    import gpu_finetune
+    from benchmarks import gpu_finetune
 
     args = argparse.Namespace(
         worker="plain-lora",
@@ -185,7 +182,7 @@ def _wheel(path, files: dict[str, bytes], requires: list[str]):
 
 
 def test_bundle_strips_wheels_and_keeps_their_record_true(tmp_path):
-    import gpu_bundle
+    from tools import gpu_bundle
 
     wheel = tmp_path / "bitsandbytes-0.50.2-py3-none-any.whl"
     libs = {f"bitsandbytes/libbitsandbytes_{v}.so": bytes(1000) * 50 for v in ["cuda118", "cuda130", "cpu"]}
@@ -202,7 +199,7 @@ def test_bundle_strips_wheels_and_keeps_their_record_true(tmp_path):
 
 
 def test_bundle_follows_only_requirements_that_apply_on_the_gpu_machine(tmp_path):
-    import gpu_bundle
+    from tools import gpu_bundle
 
     wheel = tmp_path / "demo-1.0-py3-none-any.whl"
     _wheel(wheel, {}, ["tyro", 'mlx==0.32.4; sys_platform == "darwin"', 'rich; extra == "cli"', "torch<2.15.0,>=2.4.0"])

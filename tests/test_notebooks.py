@@ -8,14 +8,15 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from helpers.backend import cuda_available
 from helpers.data import load_rows
 from helpers.exercises import EXERCISES
-from helpers.backend import cuda_available
 from helpers.profiles import load_profile
 from helpers.run import NOTEBOOKS_DIR, main, notebooks
-from helpers.runfolder import STEPS
+from helpers.runfolder import RunFolder
 from helpers.secrets import SECRET_NAMES
 from helpers.solutions import write_solutions
+from helpers.steps import ADAPTER, PAIRS, SPLITS, STEPS, adapter_dir, load_log_history
 
 NOTEBOOKS = sorted(Path(__file__).resolve().parent.parent.joinpath("notebooks").glob("*.ipynb"))
 
@@ -31,9 +32,12 @@ def test_notebook_is_committed_clean_with_one_parameters_cell(path):
     assert nb.cells[0].cell_type == "markdown" and "Learning objectives" in nb.cells[0].source
 
 
+CHAIN = [step.notebook for step in STEPS.values() if step.in_chain]
+
+
 def test_every_step_has_its_notebook():
-    assert [p.stem for p in notebooks()] == list(STEPS.values())
-    assert all(p.is_file() for p in notebooks())
+    assert [p.stem for p in notebooks()] == CHAIN
+    assert all((NOTEBOOKS_DIR / f"{step.notebook}.ipynb").is_file() for step in STEPS.values())
 
 
 def all_finite(value) -> bool:
@@ -45,22 +49,27 @@ def all_finite(value) -> bool:
 
 
 def run_chain(profile: str, run_dir: Path) -> dict:
-    assert main(["--profile", profile, "--run-name", str(run_dir), "--log-output"]) == 0
-    manifests = {s: json.loads((run_dir / s / "manifest.json").read_text()) for s in STEPS}
+    assert main(["--profile", profile, "--run-name", run_dir.name, "--log-output"]) == 0
+    manifests = {
+        s: json.loads((run_dir / s / "manifest.json").read_text()) for s, step in STEPS.items() if step.in_chain
+    }
     assert all(m["profile"] == profile for m in manifests.values())
     return manifests
 
 
 def check_chain(run_dir: Path, m: dict) -> None:
-    pairs = load_rows(str(run_dir / "00_prepared" / "pairs.jsonl")).rows  # notebook 00's output validates
+    run = RunFolder(run_dir, m["01_model"]["profile"])
+    pairs = load_rows(str(run.path("00_prepared") / PAIRS)).rows  # notebook 00's output validates
     assert pairs and len(pairs) == m["00_prepared"]["pairs_kept"] and all(p["where"] for p in pairs)
     assert m["01_model"]["baseline"]["answer"].strip()
     assert m["02_peft"]["trainable_share"] < 0.05
-    assert (run_dir / "03_dataset" / "splits" / "train").is_dir()
+    assert (run.path("03_dataset") / SPLITS / "train").is_dir()
     assert m["03_dataset"]["eval_rows"] > 0
     assert math.isfinite(m["04_trainer"]["dry_step_loss"])
     train = m["05_train"]
-    assert (Path(train["adapter"]) / "adapter_model.safetensors").is_file()
+    assert Path(train["adapter"]) == adapter_dir(run) and train["adapter"].endswith(ADAPTER)
+    assert (adapter_dir(run) / "adapter_model.safetensors").is_file()
+    assert load_log_history(run)[-1]["step"] == train["steps"]
     for key in ("eval_loss_before", "eval_loss_after", "train_loss_first", "train_loss_last"):
         assert math.isfinite(train[key]), key
     assert m["06_infer"]["first_tuned_answer"].strip()
@@ -72,18 +81,25 @@ def check_chain(run_dir: Path, m: dict) -> None:
     assert (run_dir / "07_eval" / "report.md").read_text().startswith("# Evaluation")
     assert (run_dir / "07_eval" / "metrics.png").is_file()
     executed = sorted((run_dir / "executed").glob("*.ipynb"))
-    assert [p.stem for p in executed] == list(STEPS.values())
+    assert [p.stem for p in executed] == CHAIN
     verdicts = json.loads((run_dir / "exercises.json").read_text())
     assert set(verdicts) == set(EXERCISES), "every notebook's exercise check ran"
 
 
-def test_all_notebooks_run_in_order_under_cpu_smoke_and_never_show_a_token(tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def runs(tmp_path, monkeypatch) -> Path:
+    """Run folders under tmp_path: RUN_NAME stays a plain name, LLM_SCHOOL_RUNS says where runs live."""
+    monkeypatch.setenv("LLM_SCHOOL_RUNS", str(tmp_path))
+    return tmp_path
+
+
+def test_all_notebooks_run_in_order_under_cpu_smoke_and_never_show_a_token(runs, capsys, monkeypatch):
     # Canary tokens, made up at run time: the notebooks can see them (01 reports them as set) but must not write
     # them anywhere: executed notebooks, run folders, saved configs, logs.
     canaries = {name: f"canary-{name}-{uuid.uuid4().hex}" for name in ("HF_TOKEN", "OPENAI_API_KEY")}
     for name, value in canaries.items():
         monkeypatch.setenv(name, value)
-    run_dir = tmp_path / "smoke"
+    run_dir = runs / "smoke"
     check_chain(run_dir, run_chain("cpu-smoke", run_dir))
     assert set(json.loads((run_dir / "exercises.json").read_text()).values()) == {"not answered"}
     captured = capsys.readouterr()
@@ -98,25 +114,25 @@ def test_all_notebooks_run_in_order_under_cpu_smoke_and_never_show_a_token(tmp_p
         assert not leaked, f"a token was written to {leaked}"
 
 
-def test_solution_copies_run_and_every_exercise_checks_correct(tmp_path):
-    write_solutions(tmp_path / "solutions")
-    run_dir = tmp_path / "solved"
-    assert main(["--profile", "cpu-smoke", "--run-name", str(run_dir), "--notebooks", str(tmp_path / "solutions")]) == 0
+def test_solution_copies_run_and_every_exercise_checks_correct(runs):
+    write_solutions(runs / "solutions")
+    run_dir = runs / "solved"
+    assert main(["--profile", "cpu-smoke", "--run-name", "solved", "--notebooks", str(runs / "solutions")]) == 0
     assert json.loads((run_dir / "exercises.json").read_text()) == {e: "correct" for e in EXERCISES}
 
 
-def test_appendix_compares_trainer_and_sfttrainer(tmp_path):
+def test_appendix_compares_trainer_and_sfttrainer(runs):
     import papermill as pm
 
-    run_dir = tmp_path / "appendix"
+    run = RunFolder(runs / "appendix", "cpu-smoke")
     pm.execute_notebook(
         str(NOTEBOOKS_DIR / "A1_trainer_vs_sfttrainer.ipynb"),
-        str(tmp_path / "A1.ipynb"),
-        parameters={"PROFILE": "cpu-smoke", "RUN_NAME": str(run_dir), "ROWS": 16, "STEPS": 4},
+        str(runs / "A1.ipynb"),
+        parameters={"PROFILE": "cpu-smoke", "RUN_NAME": "appendix", "ROWS": 16, "STEPS": 4},
         cwd=str(NOTEBOOKS_DIR),
         kernel_name="python3",
     )
-    result = json.loads((run_dir / "appendix_trainer_vs_sft.json").read_text())
+    result = run.require("A1_trainer_vs_sft")
     assert result["plain_trainer_trained_tokens"] > result["sft_trained_tokens"] > 0
     assert result["packed_sequences"] < result["examples"]
     losses = result["answer_loss"]
@@ -125,9 +141,9 @@ def test_appendix_compares_trainer_and_sfttrainer(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not cuda_available(), reason="no CUDA GPU on this machine: the GPU chain cannot run here")
-def test_all_notebooks_run_under_a_gpu_profile(tmp_path, request):
+def test_all_notebooks_run_under_a_gpu_profile(runs, request):
     profile = request.config.getoption("--profile")
     if not load_profile(profile).model.requires_gpu:
         pytest.skip(f"--profile {profile} is a CPU profile; run: pytest -m gpu --profile rtx4090")
-    run_dir = tmp_path / "gpu"
+    run_dir = runs / "gpu"
     check_chain(run_dir, run_chain(profile, run_dir))

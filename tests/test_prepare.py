@@ -20,7 +20,7 @@ from helpers.prepare import (
     OpenAIGenerator,
     chunk_text,
     clean_text,
-    generate,
+    generate_replies,
     parse_pairs,
     read_documents,
     select_pairs,
@@ -104,7 +104,7 @@ def test_select_pairs_drops_bad_duplicate_and_near_duplicate_pairs():
             "not json",
         ]
     }
-    selection = select_pairs(replies, [chunk])
+    selection = select_pairs(replies, [chunk], "You are a security expert.")
     assert [r["instruction"] for r in selection.rows] == [
         "How should passwords be stored?",
         "What does a FIDO2 key check?",
@@ -189,10 +189,10 @@ RATE, WINDOW = 4, 1.0
 # The same generation, as a separate process the test can kill.
 CLIENT = f"""
 import sys
-from helpers.prepare import OpenAIGenerator, generate, read_documents
+from helpers.prepare import OpenAIGenerator, generate_replies, read_documents
 chunks, _, _ = read_documents(sys.argv[1], 300)
 generator = OpenAIGenerator("test-model", base_url=sys.argv[2], requests_per_window={RATE}, window_seconds={WINDOW})
-generate(chunks, generator, sys.argv[3], n=2, temperature=0.7, workers=3)
+generate_replies(chunks, generator, sys.argv[3], n=2, temperature=0.7, workers=3)
 """
 
 
@@ -204,13 +204,15 @@ def test_api_backend_retries_stays_under_the_rate_limit_and_does_every_chunk_onc
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # a local server needs no key
     chunks, _, _ = read_documents(documents(tmp_path / "raw", 8), 300)
     generator = OpenAIGenerator("test-model", base_url=api, requests_per_window=RATE, window_seconds=WINDOW)
-    replies = generate(chunks, generator, tmp_path / "cache.jsonl", n=2, temperature=0.7, workers=4)
+    replies = generate_replies(chunks, generator, tmp_path / "cache.jsonl", n=2, temperature=0.7, workers=4)
     assert set(replies) == {c.id for c in chunks} and all(len(r) == 2 for r in replies.values())
     log = FakeAPI.log
     assert sorted(doc for _, doc, status in log if status == 200) == list(range(8)), "each chunk done exactly once"
     assert sorted(doc for _, doc, status in log if status != 200) == [1, 2, 4], "429s and the 500 were retried"
     assert max_in_window([t for t, _, _ in log], WINDOW) <= RATE, "the rate limit was exceeded"
-    selection = select_pairs(replies, chunks)  # the canned questions differ by one number: near-duplicates
+    selection = select_pairs(
+        replies, chunks, "You are a security expert."
+    )  # the canned questions differ by one number: near-duplicates
     assert len(selection.rows) + sum(selection.dropped.values()) == 16
 
 
@@ -230,7 +232,7 @@ def test_an_interrupted_api_run_resumes_without_asking_again(api, tmp_path):
 
     chunks, _, _ = read_documents(raw, 300)
     generator = OpenAIGenerator("test-model", base_url=api, requests_per_window=RATE, window_seconds=WINDOW)
-    replies = generate(chunks, generator, cache, n=2, temperature=0.7, workers=3)
+    replies = generate_replies(chunks, generator, cache, n=2, temperature=0.7, workers=3)
     assert set(replies) == {c.id for c in chunks}
     finished_docs = {c.source for c in chunks if c.id in finished}
     asked_again = {f"doc{doc:02d}.txt" for _, doc, _ in FakeAPI.log[requests_before:]}

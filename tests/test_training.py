@@ -6,11 +6,13 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict
 
+from helpers.cpu_loss import AnswerHeadSFTTrainer, _CrossEntropySum
 from helpers.data import DataError, to_prompt_completion, tokenize_example
-from helpers.lora import add_lora, count_parameters, lora_parameter_count
+from helpers.lora import add_lora, count_lora_parameters, count_parameters
 from helpers.model import load_model
 from helpers.profiles import load_profile
-from helpers.trainer import AnswerHeadSFTTrainer, _CrossEntropySum, build_trainer, loss_history, train_figures
+from helpers.trainer import build_trainer
+from helpers.training_log import loss_history, train_figures
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,7 @@ def tiny(sample_rows):
 
 def test_lora_count_matches_hand_count_and_is_small(tiny):
     profile, model, *_ = tiny
-    predicted = lora_parameter_count(model, profile.lora)
+    predicted = count_lora_parameters(model, profile.lora.r, profile.lora.target_modules)
     peft_model = add_lora(model, profile)
     trainable, total = count_parameters(peft_model)
     assert trainable == predicted

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from helpers.lora import add_lora, count_parameters, lora_parameter_count
+from helpers.lora import add_lora, count_lora_parameters, count_parameters
 from helpers.widgets import (
     ChatPanel,
     LiveLossPlot,
@@ -58,10 +58,14 @@ def test_lora_estimate_matches_the_hand_count_and_peft(smoke, smoke_model):
 
     model, _ = smoke_model
     targets = list(smoke.lora.target_modules)
-    assert lora_estimate(model, smoke.lora.r, targets)["trainable"] == lora_parameter_count(model, smoke.lora)
+    assert lora_estimate(model, smoke.lora.r, targets)["trainable"] == count_lora_parameters(
+        model, smoke.lora.r, targets
+    )
     wrapped = add_lora(copy.deepcopy(model), smoke)
     assert lora_estimate(wrapped, smoke.lora.r, targets)["trainable"] == count_parameters(wrapped)[0]
-    assert lora_estimate(model, 2 * smoke.lora.r, targets)["trainable"] == 2 * lora_parameter_count(model, smoke.lora)
+    assert lora_estimate(model, 2 * smoke.lora.r, targets)["trainable"] == 2 * count_lora_parameters(
+        model, smoke.lora.r, targets
+    )
 
 
 def test_lora_controls_update_live(smoke, smoke_model):

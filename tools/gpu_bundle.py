@@ -9,7 +9,7 @@ the machine has), removes those parts, and writes:
     .bundle/wheels/*.whl     installed there with pip install --no-index --no-deps --target /tmp/site
     .bundle/tokenizer/       the embedded model's tokenizer, for the Llama-shaped test models (llama_shapes.py)
 
-Then `benchmarks/gpu_device.sh` runs the benchmark and the notebooks there (see benchmarks/README.md).
+Then `tools/gpu_device.sh` runs the benchmark and the notebooks there (see benchmarks/README.md).
 """
 
 from __future__ import annotations

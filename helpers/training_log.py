@@ -1,0 +1,38 @@
+"""Reading the trainer's log (`trainer.state.log_history`): loss curves, tokens and time."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def train_figures(log_history: list[dict[str, Any]]) -> dict[str, float]:
+    """Real (non-padding) tokens trained on, training seconds (evaluations excluded) and tokens/s.
+
+    After a resume the Trainer times only the resumed part and trl counts its tokens from zero again, so the
+    figures cover that part.
+    """
+    seconds, eval_seconds, tokens = float("nan"), 0.0, 0
+    for entry in log_history:
+        if "train_runtime" in entry:
+            seconds = entry["train_runtime"]
+            break
+        if entry.get("num_tokens", tokens) < tokens:  # the token counter restarted: a resumed run
+            eval_seconds = 0.0
+        tokens = int(entry.get("num_tokens", tokens))
+        eval_seconds += entry.get("eval_runtime", 0.0)
+    seconds -= eval_seconds
+    return {"train_tokens": tokens, "train_seconds": round(seconds, 1), "tokens_per_second": round(tokens / seconds, 1)}
+
+
+def loss_history(
+    log_history: list[dict[str, Any]], eval_before: float | None = None
+) -> dict[str, list[tuple[int, float]]]:
+    """(step, loss) pairs for training and evaluation from `trainer.state.log_history`.
+
+    `eval_before`, the eval loss measured before `train()` (which resets the log), becomes step 0.
+    """
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
+    evals = sorted({e["step"]: e["eval_loss"] for e in log_history if "eval_loss" in e}.items())
+    if eval_before is not None:
+        evals.insert(0, (0, eval_before))
+    return {"train": train, "eval": evals}
