@@ -139,7 +139,7 @@ def validate_rows(items: list[Item], origin: str, on_error: str = "stop") -> Loa
     """Check every row: an object with the four White Rabbit fields as text (plus optional provenance), a non-empty
     instruction and response, not a duplicate of an earlier row. `on_error="stop"` raises at the first problem
     (naming file, row and field); `"skip"` leaves such rows out and counts them."""
-    loaded, seen = LoadedRows([]), {}
+    loaded, seen = LoadedRows([]), dict[tuple, str]()
     for where, row in items:
         problem = row if isinstance(row, Problem) else _check_row(where, row)
         if problem is None:

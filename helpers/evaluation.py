@@ -99,7 +99,7 @@ def compare_losses(
     for example, b, t in zip(examples, base, tuned, strict=True):
         by_subject[example.get("subject", "all")]["base"].append(b)
         by_subject[example.get("subject", "all")]["tuned"].append(t)
-    overall = {"base": summarise_losses(base), "tuned": summarise_losses(tuned)}
+    overall: dict[str, Any] = {"base": summarise_losses(base), "tuned": summarise_losses(tuned)}
     overall["relative_change"] = overall["tuned"]["loss"] / overall["base"]["loss"] - 1
     overall["per_subject"] = {
         subject: {
@@ -129,7 +129,7 @@ def compare_answers(
             {"subject": example.get("subject", ""), "reference": example["completion"][0]["content"], **pair}
         )
     references = [s["reference"] for s in samples]
-    scores = {}
+    scores: dict[str, Any] = {}
     for name in ("base", "tuned"):
         answers = [s[name] for s in samples]
         scores[name] = {

@@ -141,12 +141,12 @@ def _matches(answer: Any, expected: Any, tolerance: float) -> bool:
 
 def _record(run: RunFolder, exercise_id: str, verdict: str) -> None:
     verdicts = {**results(run), exercise_id: verdict}
-    write_json_atomic(run.root / EXERCISES_FILE, dict(sorted(verdicts.items())))  # a torn file would break checks
+    write_json_atomic(run.record(EXERCISES_FILE), dict(sorted(verdicts.items())))  # a torn file would break checks
 
 
 def results(run: RunFolder) -> dict[str, str]:
     """Each exercise's last verdict in this run folder: correct, wrong or not answered."""
-    path = run.root / EXERCISES_FILE
+    path = run.record(EXERCISES_FILE)
     try:
         return json.loads(path.read_text()) if path.is_file() else {}
     except ValueError:  # written atomically since; an older torn file must not break every later check

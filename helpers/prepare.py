@@ -75,10 +75,11 @@ def clean_text(raw: str, suffix: str) -> str:
 
 def chunk_text(text: str, max_words: int) -> list[str]:
     """Whole paragraphs packed into chunks of at most `max_words` (a longer paragraph is split by words)."""
-    chunks, current = [], []
+    chunks: list[str] = []
+    current: list[list[str]] = []
     for paragraph in text.split("\n\n"):
-        words = paragraph.split()
-        pieces = [words[i : i + max_words] for i in range(0, len(words), max_words)]
+        paragraph_words = paragraph.split()
+        pieces = [paragraph_words[i : i + max_words] for i in range(0, len(paragraph_words), max_words)]
         for piece in pieces:
             if current and sum(map(len, current)) + len(piece) > max_words:
                 chunks.append("\n\n".join(" ".join(p) for p in current))
@@ -158,7 +159,8 @@ def select_pairs(
     """Parse every reply, drop malformed, empty, too short, duplicate and near-duplicate pairs (questions whose
     rapidfuzz token-set similarity to a kept question is at least `similarity` out of 100). Kept pairs become rows
     with `system` (the profile's `infer.system_prompt`) as their system message."""
-    selection, by_id, kept_questions, seen = Selection(), {c.id: c for c in chunks}, [], set()
+    selection, by_id, seen = Selection(), {c.id: c for c in chunks}, set()
+    kept_questions: list[str] = []
     for chunk_id, texts in replies.items():
         chunk = by_id[chunk_id]
         for text in texts:
@@ -242,7 +244,7 @@ _backoff = wait_exponential(multiplier=0.5, max=30)
 
 def _retry_wait(state) -> float:
     """The server's Retry-After when it gives one (at most a minute), else exponential backoff."""
-    response = getattr(state.outcome.exception(), "response", None)
+    response: Any = getattr(state.outcome.exception(), "response", None)
     try:
         return min(float(response.headers["retry-after"]), 60.0)
     except (AttributeError, KeyError, TypeError, ValueError):

@@ -45,7 +45,7 @@ def execute(notebook: Path, run: RunFolder, profile_name: str, log_output: bool 
 
     os.environ["LLM_SCHOOL_HEADLESS"] = "1"  # the kernel inherits it: widgets stay quiet, nothing waits for a click
     os.environ["LLM_SCHOOL_RUNS"] = str(run.root.parent)  # so the kernel finds the run folder by its plain name
-    executed = run.root / "executed" / notebook.name
+    executed = run.record("executed") / notebook.name
     executed.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     try:
@@ -96,7 +96,7 @@ def summary(run: RunFolder, seconds: dict[str, float]) -> str:
         "07 general Qs ROUGE-L": f"{_fmt(evaluation.get('forgetting_rougeL_base'))} -> "
         f"{_fmt(evaluation.get('forgetting_rougeL_tuned'))}",
         "exercises": ", ".join(f"{n} {v}" for v, n in Counter(results(run).values()).items()) or "none checked",
-        "adapter": train.get("adapter", "not trained"),
+        "adapter folder": train.get("adapter_dir", "not trained"),
     }
     width = max(map(len, facts))
     lines += [f"  {key:<{width}}  {value}" for key, value in facts.items()]

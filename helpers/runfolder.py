@@ -126,6 +126,10 @@ class RunFolder:
         """The trainer's checkpoints of an unfinished run (removed once notebook 05 saves its step)."""
         return self.root / "checkpoints"
 
+    def record(self, name: str) -> Path:
+        """A run-level record that is not a step (exercise verdicts, executed notebooks); JSON: `write_json_atomic`."""
+        return self.root / name
+
     def cache(self, name: str) -> Path:
         """A working folder that survives reruns (notebook 00's helper-LLM replies, say)."""
         return self.root / f"{name}-cache"

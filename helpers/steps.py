@@ -48,6 +48,9 @@ PAIRS = "pairs.jsonl"
 SPLITS = "splits"
 ADAPTER = "adapter"
 LOG_HISTORY = "log_history.json"
+STATS = "stats.json"
+SAMPLES = "samples.json"
+REPORT = "report.json"
 
 
 def _json(path: Path, value: Any) -> None:
@@ -68,7 +71,7 @@ def save_prepared(run: RunFolder, rows: list[dict[str, Any]], stats: dict[str, A
 
     out = run.begin(PREPARED.name)
     write_rows(rows, out / PAIRS)
-    _json(out / "stats.json", stats)
+    _json(out / STATS, stats)
     return run.commit(PREPARED.name, stats)
 
 
@@ -120,7 +123,7 @@ def save_dataset(run: RunFolder, splits: DatasetDict, stats: dict[str, Any], man
                  histogram: Figure) -> Path:  # fmt: skip
     out = run.begin(DATASET.name)
     splits.save_to_disk(out / SPLITS)
-    _json(out / "stats.json", stats)
+    _json(out / STATS, stats)
     _figures(out, {"token_lengths": histogram})
     return run.commit(DATASET.name, {**manifest, **{k: v for k, v in stats.items() if k != "lengths"}})
 
@@ -169,7 +172,8 @@ def save_training(run: RunFolder, trainer: SFTTrainer, tokenizer: PreTrainedToke
     tokenizer.save_pretrained(out / ADAPTER)
     _json(out / LOG_HISTORY, trainer.state.log_history)
     _figures(out, plots)
-    final = run.commit(TRAIN.name, {"steps": trainer.state.global_step, "adapter": str(adapter_dir(run)), **figures})
+    manifest = {"steps": trainer.state.global_step, "adapter_dir": str(adapter_dir(run)), **figures}
+    final = run.commit(TRAIN.name, manifest)
     shutil.rmtree(trainer.args.output_dir, ignore_errors=True)  # checkpoints only serve an interrupted run
     return final
 
@@ -201,7 +205,7 @@ def load_tuned(run: RunFolder, profile: Profile) -> tuple[PreTrainedModel, PreTr
 
 def save_samples(run: RunFolder, samples: list[dict[str, Any]]) -> Path:
     out = run.begin(INFER.name)
-    _json(out / "samples.json", samples)
+    _json(out / SAMPLES, samples)
     return run.commit(
         INFER.name,
         {"questions": len(samples),
@@ -215,10 +219,16 @@ def save_report(run: RunFolder, report: dict[str, Any], figures: dict[str, Figur
     from helpers.evaluation import report_markdown
 
     out = run.begin(EVAL.name)
-    _json(out / "report.json", report)
+    _json(out / REPORT, report)
     (out / "report.md").write_text(report_markdown(report), encoding="utf-8")
     _figures(out, figures)
     return run.commit(EVAL.name, report["headline"])
+
+
+def load_report(run: RunFolder) -> dict[str, Any]:
+    """Notebook 07's evaluation report (report.json)."""
+    run.require(EVAL.name)
+    return json.loads((run.path(EVAL.name) / REPORT).read_text(encoding="utf-8"))
 
 
 # A1: the appendix's comparison

@@ -164,8 +164,8 @@ class LiveLossPlot(TrainerCallback):
         self.eval: list[tuple[int, float]] = [(0, eval_before)] if eval_before is not None else []
         self.min_interval = min_interval
         self._last_draw = 0.0
-        self._handle = None
-        self._figure = None
+        self._handle: Any = None
+        self._figure: Any = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}

@@ -10,13 +10,13 @@ import pytest
 
 from helpers.backend import cuda_available
 from helpers.data import load_rows
-from helpers.exercises import EXERCISES
+from helpers.exercises import EXERCISES, results
 from helpers.profiles import load_profile
 from helpers.run import NOTEBOOKS_DIR, main, notebooks
 from helpers.runfolder import RunFolder
 from helpers.secrets import SECRET_NAMES
 from helpers.solutions import write_solutions
-from helpers.steps import ADAPTER, PAIRS, SPLITS, STEPS, adapter_dir, load_log_history
+from helpers.steps import PAIRS, SPLITS, STEPS, adapter_dir, load_log_history, load_report
 
 NOTEBOOKS = sorted(Path(__file__).resolve().parent.parent.joinpath("notebooks").glob("*.ipynb"))
 
@@ -67,13 +67,13 @@ def check_chain(run_dir: Path, m: dict) -> None:
     assert m["03_dataset"]["eval_rows"] > 0
     assert math.isfinite(m["04_trainer"]["dry_step_loss"])
     train = m["05_train"]
-    assert Path(train["adapter"]) == adapter_dir(run) and train["adapter"].endswith(ADAPTER)
+    assert Path(train["adapter_dir"]) == adapter_dir(run)
     assert (adapter_dir(run) / "adapter_model.safetensors").is_file()
     assert load_log_history(run)[-1]["step"] == train["steps"]
     for key in ("eval_loss_before", "eval_loss_after", "train_loss_first", "train_loss_last"):
         assert math.isfinite(train[key]), key
     assert m["06_infer"]["first_tuned_answer"].strip()
-    report = json.loads((run_dir / "07_eval" / "report.json").read_text())
+    report = load_report(run)
     assert {"loss", "generation", "forgetting", "headline", "dataset", "eval_rows"} <= set(report)
     for name in ("base", "tuned"):
         assert set(report["generation"]["scores"][name]) >= {"rougeL", "bleu", "chrf", "token_f1", "stopped_rate"}
@@ -82,7 +82,7 @@ def check_chain(run_dir: Path, m: dict) -> None:
     assert (run_dir / "07_eval" / "metrics.png").is_file()
     executed = sorted((run_dir / "executed").glob("*.ipynb"))
     assert [p.stem for p in executed] == CHAIN
-    verdicts = json.loads((run_dir / "exercises.json").read_text())
+    verdicts = results(run)
     assert set(verdicts) == set(EXERCISES), "every notebook's exercise check ran"
 
 
@@ -101,7 +101,7 @@ def test_all_notebooks_run_in_order_under_cpu_smoke_and_never_show_a_token(runs,
         monkeypatch.setenv(name, value)
     run_dir = runs / "smoke"
     check_chain(run_dir, run_chain("cpu-smoke", run_dir))
-    assert set(json.loads((run_dir / "exercises.json").read_text()).values()) == {"not answered"}
+    assert set(results(RunFolder(run_dir, "cpu-smoke")).values()) == {"not answered"}
     captured = capsys.readouterr()
     assert "eval loss before -> after" in captured.out and "total" in captured.out
     first = (run_dir / "executed" / "01_load_model.ipynb").read_text()
@@ -118,7 +118,7 @@ def test_solution_copies_run_and_every_exercise_checks_correct(runs):
     write_solutions(runs / "solutions")
     run_dir = runs / "solved"
     assert main(["--profile", "cpu-smoke", "--run-name", "solved", "--notebooks", str(runs / "solutions")]) == 0
-    assert json.loads((run_dir / "exercises.json").read_text()) == {e: "correct" for e in EXERCISES}
+    assert results(RunFolder(run_dir, "cpu-smoke")) == {e: "correct" for e in EXERCISES}
 
 
 def test_appendix_compares_trainer_and_sfttrainer(runs):

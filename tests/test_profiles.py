@@ -41,3 +41,51 @@ def test_overrides_merge_into_sections():
     p = load_profile("cpu-smoke", {"train": {"max_steps": 9}})
     assert p.train.max_steps == 9
     assert p.train.learning_rate == load_profile("cpu-smoke").train.learning_rate
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_profiles_are_lean_each_holds_only_what_differs_from_its_parent():
+    import yaml
+
+    from helpers.profiles import PROFILES_DIR, _read
+
+    for name in list_profiles():
+        own = yaml.safe_load((PROFILES_DIR / f"{name}.yaml").read_text())
+        assert "extends" in own, f"{name} should extend base (or another profile)"
+        parent = _leaves(_read(PROFILES_DIR / f"{own.pop('extends')}.yaml"))
+        repeated = [k for k, v in _leaves(own).items() if parent.get(k, object()) == v]
+        assert not repeated, f"{name} repeats what it inherits: {repeated}"
+
+
+def test_extends_errors_name_the_file(tmp_path):
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("extends: loop\nname: loop\n")
+    (tmp_path / "missing.yaml").write_text("extends: no-such-profile\nname: x\n")
+    import helpers.profiles
+
+    original = helpers.profiles.PROFILES_DIR
+    helpers.profiles.PROFILES_DIR = tmp_path
+    try:
+        with pytest.raises(ProfileError, match="extends itself: loop -> loop"):
+            load_profile(loop)
+    finally:
+        helpers.profiles.PROFILES_DIR = original
+    with pytest.raises(ProfileError, match="extends 'no-such-profile', but there is no"):
+        load_profile(tmp_path / "missing.yaml")
+
+
+def test_a_child_overrides_its_parent_and_keeps_the_rest():
+    lab, gpu = load_profile("rtx4090"), load_profile("gpu-80gb")  # gpu-80gb extends rtx4090
+    assert gpu.lora.r == 32 and gpu.train.learning_rate == lab.train.learning_rate
+    assert gpu.name == "gpu-80gb" and gpu.description != lab.description
+    assert "base" not in list_profiles(), "base holds shared values; it is not a profile to run"
+    assert load_profile("cpu-lab").infer.system_prompt == load_profile("rtx4090").infer.system_prompt
