@@ -55,7 +55,7 @@ def execute(notebook: Path, run: RunFolder, profile_name: str, log_output: bool 
             parameters={"PROFILE": profile_name, "RUN_NAME": run.root.name},
             cwd=str(NOTEBOOKS_DIR),
             kernel_name="python3",
-            progress_bar=True,
+            progress_bar=log_output,  # the plain run prints one line per notebook
             log_output=log_output,
         )
     except pm.PapermillExecutionError as err:
@@ -124,12 +124,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     seconds: dict[str, float] = {}
+    chain = notebooks(args.only, args.notebooks)
+    print(f"{len(chain)} notebooks, profile {profile.name}, run folder {run.root} (executed copies in executed/)")
     try:
-        for notebook in notebooks(args.only, args.notebooks):
-            print(f"\n=== {notebook.stem} ({profile.name}) ===", flush=True)
+        for notebook in chain:
+            print(f"{notebook.stem:<28} running ...", end="\n" if args.log_output else "", flush=True)
             try:
                 seconds[notebook.stem] = execute(notebook, run, profile_arg, args.log_output)
+                print(f"\r{notebook.stem:<28} done in {seconds[notebook.stem]:6.1f} s", flush=True)
             except NotebookFailed as err:
+                print(f"\r{notebook.stem:<28} FAILED", flush=True)
                 print(f"\nerror: {err}", file=sys.stderr)
                 print(summary(run, seconds))
                 return 1
