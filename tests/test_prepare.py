@@ -364,7 +364,7 @@ class DeepReplies:
         self.calls += 1
         deep = "[" * 1000 + "]" * 1000
         good = json.dumps({"pairs": [{"question": "What beats short passwords?", "answer": "Passphrases do, " * 3}]})
-        braces = json.dumps({"pairs": [{"question": "Why [[[[ in text?", "answer": "Brackets in a string do not nest."}]})
+        braces = json.dumps({"pairs": [{"question": "Why [[[[ here?", "answer": "Brackets in strings do not nest."}]})
         return [deep, '{"pairs": ' * 5000, "x" * 200_000, good, braces]
 
 
@@ -374,7 +374,7 @@ def test_a_deeply_nested_or_huge_reply_is_dropped_before_parsing_and_a_rerun_doe
     for _ in range(2):  # the second run reads the cached hostile replies back
         replies = generate([chunk], generator, cache, n=5, temperature=0.7)
         selection = select_pairs(replies, [chunk])
-        assert [r["instruction"] for r in selection.rows] == ["What beats short passwords?", "Why [[[[ in text?"]
+        assert [r["instruction"] for r in selection.rows] == ["What beats short passwords?", "Why [[[[ here?"]
         assert dict(selection.dropped) == {"reply nested too deep": 2, "reply too long": 1}
     assert generator.calls == 1, "the cached replies were asked again"
     with pytest.raises(ValueError, match=f"nests 1000 levels deep, over the limit of {MAX_REPLY_DEPTH}"):
