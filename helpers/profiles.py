@@ -100,6 +100,12 @@ class EvalSettings(_Section):
     batch_size: int = Field(4, ge=1)
 
 
+class ClassroomSettings(_Section):
+    """`python -m helpers.classroom run`: limits for each learner's notebooks."""
+
+    notebook_timeout_s: int = Field(1800, ge=1)  # a learner's notebook running longer is stopped and reported
+
+
 class Profile(_Section):
     name: str
     description: str
@@ -110,6 +116,7 @@ class Profile(_Section):
     infer: InferSettings
     evaluate: EvalSettings = Field(default_factory=EvalSettings)
     prepare: PrepareSettings = Field(default_factory=PrepareSettings)
+    classroom: ClassroomSettings = Field(default_factory=ClassroomSettings)
 
 
 def list_profiles() -> list[str]:
