@@ -120,8 +120,9 @@ def test_a_notebook_past_its_limit_is_killed_with_its_kernel(tmp_path, monkeypat
         notebook(PARAMETERS, f"import os\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))", "while 1: 0")
     )
     run = RunFolder.open("class-k", "cpu-smoke")
-    seconds, failure = run_notebook(path, run, "cpu-smoke", timeout_s=12)
-    assert failure == "01_load_model timed out: stopped after 12 s (killed)" and seconds < 20
+    seconds, failure = run_notebook(path, run, "cpu-smoke", timeout_s=15)
+    assert failure == "01_load_model timed out: stopped after 15 s (killed)" and seconds < 25
+    assert pid_file.is_file(), "the kernel did not start within the limit (machine too busy?)"
     kernel = int(pid_file.read_text())
     deadline = time.monotonic() + 5
     while _alive(kernel) and time.monotonic() < deadline:
