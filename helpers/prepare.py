@@ -337,7 +337,7 @@ def api_endpoint(base_url: str | None, api_key_env: str | None = None) -> tuple[
         where = "OpenAI" if openai_host else f"the server at {parts.scheme}://{parts.netloc}"
         raise DataError(
             f"The OpenAI backend needs {name} in the environment (or a git-ignored .env file) for {where}. For a "
-            "local OpenAI-compatible server, set BASE_URL instead (and prepare.api_key_env if it wants a key)."
+            "local OpenAI-compatible server, set prepare.base_url (and prepare.api_key_env if it wants a key)."
         )
     if parts.scheme == "http" and not _is_local(host):
         raise DataError(
