@@ -37,6 +37,7 @@ from helpers.secrets import SECRET_NAMES
 
 # Names that hold credentials by convention: HF_TOKEN, OPENAI_API_KEY, AWS_SECRET_ACCESS_KEY, GITHUB_TOKEN, ...
 SECRET_VARIABLE = re.compile(r"(^|_)(TOKEN|KEY|PASSWORD|PASSWD|CREDENTIALS?)(_|$)|SECRET", re.IGNORECASE)
+AGENT_SOCKETS = ("SSH_AUTH_SOCK", "GPG_AGENT_INFO")  # no secret values, but they sign and push as the instructor
 GRACE_S = 60  # on top of the notebook's limit: kernel start and writing the executed copy
 
 
@@ -70,7 +71,7 @@ def init(class_dir: Path, learners: list[str]) -> list[Path]:
 
 
 def is_secret(name: str) -> bool:
-    return name in SECRET_NAMES or bool(SECRET_VARIABLE.search(name))
+    return name in SECRET_NAMES + AGENT_SOCKETS or bool(SECRET_VARIABLE.search(name))
 
 
 def learner_env(run: RunFolder, profile_arg: str, pass_secrets: bool = False) -> dict[str, str]:

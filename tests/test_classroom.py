@@ -98,6 +98,7 @@ def test_pass_secrets_is_an_explicit_opt_in(tmp_path, monkeypatch):
     monkeypatch.setenv("LLM_SCHOOL_RUNS", str(tmp_path))
     for name in ("HF_TOKEN", "OPENAI_API_KEY", "GITHUB_TOKEN", "AWS_SECRET_ACCESS_KEY", "DB_PASSWORD", "MY_SECRET"):
         monkeypatch.setenv(name, CANARY)
+    monkeypatch.setenv("SSH_AUTH_SOCK", CANARY)
     monkeypatch.setenv("KEYBOARD_LAYOUT", "us")  # not a secret: kept
     run = RunFolder.open("class-x", "cpu-smoke")
     closed = learner_env(run, "cpu-smoke")
