@@ -29,6 +29,8 @@ PROVENANCE = ("source", "chunk")  # optional: where notebook 00 found the text o
 SAMPLE = ROOT / "data" / "white_rabbit_sample.jsonl"
 GENERAL_QUESTIONS = ROOT / "data" / "general_questions.jsonl"  # non-security questions: the forgetting check
 HUB_PREFIX = "hub:"
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")  # compared in lower case: `.JSONL` is a JSONL file too
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, which Windows editors put at the start of a file
 
 
 class DataError(ValueError):
@@ -62,6 +64,27 @@ class LoadedRows:
 Item = tuple[str, Any]
 
 
+class _Row(dict):
+    """A JSON object as parsed, with the keys that appeared more than once (JSON would silently keep the last)."""
+
+    duplicates: list[str]
+
+
+def _object(pairs: list[tuple[str, Any]]) -> _Row:
+    row = _Row(pairs)
+    row.duplicates = [key for key, count in Counter(key for key, _ in pairs).items() if count > 1]
+    return row
+
+
+def _loads(text: str) -> Any:
+    """json.loads that remembers duplicate keys (see `_Row`); a value nested past the parser's recursion limit or
+    an integer too long to convert is a ValueError like any other invalid JSON."""
+    try:
+        return json.loads(text, object_pairs_hook=_object)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def words(text: str) -> list[str]:
     """Lower-cased words without punctuation: how texts are compared (duplicates here and in notebook 00, token F1)."""
     return re.sub(r"[^\w\s]", " ", text.lower()).split()  # (where, the parsed row or a Problem)
@@ -69,7 +92,7 @@ def words(text: str) -> list[str]:
 
 def _read_jsonl(path: Path) -> list[Item]:
     items: list[Item] = []
-    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+    for number, raw in enumerate(path.read_bytes().removeprefix(BOM).splitlines(), start=1):
         where = f"{path}, line {number}"
         try:
             line = raw.decode("utf-8")
@@ -79,26 +102,42 @@ def _read_jsonl(path: Path) -> list[Item]:
         if not line.strip():
             continue
         try:
-            items.append((where, json.loads(line)))
+            items.append((where, _loads(line)))
         except json.JSONDecodeError as err:
             items.append((where, Problem(where, "invalid JSON", f"not valid JSON ({err.msg}, column {err.colno})")))
+        except ValueError as err:
+            items.append((where, Problem(where, "invalid JSON", f"not usable JSON ({err})")))
     return items
 
 
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as err:
+        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"{path}: not a readable parquet file ({first_line}).") from None
+
+
 def _read_file(path: Path) -> list[Item]:
-    if path.suffix == ".jsonl":
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
         return _read_jsonl(path)
-    if path.suffix == ".json":
+    if suffix == ".json":
         try:
-            rows = json.loads(path.read_bytes().decode("utf-8"))
+            rows = _loads(path.read_bytes().removeprefix(BOM).decode("utf-8"))
         except UnicodeDecodeError as err:
             raise DataError(f"{path}: not valid UTF-8 text (byte {err.start}).") from None
         except json.JSONDecodeError as err:
             raise DataError(f"{path}, line {err.lineno}: not valid JSON ({err.msg}).") from None
+        except ValueError as err:
+            raise DataError(f"{path}: not usable JSON ({err}).") from None
         if not isinstance(rows, list):
             raise DataError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}.")
-    elif path.suffix == ".parquet":
-        rows = Dataset.from_parquet(str(path)).to_list()
+    elif suffix == ".parquet":
+        rows = _read_parquet(path)
     else:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json or .parquet.")
     return [(f"{path}, row {number}", row) for number, row in enumerate(rows, start=1)]
@@ -113,13 +152,23 @@ def _read_hub(dataset_id: str) -> list[Item]:
         )
     from datasets import load_dataset
 
-    rows = load_dataset(dataset_id, split="train", token=token).to_list()
+    try:
+        rows = load_dataset(dataset_id, split="train", token=token).to_list()
+    except Exception as err:  # network, authorisation, missing dataset or split, bad files: all mean "not loaded"
+        reason = (str(err).splitlines() or [""])[0].replace(token, "<HF_TOKEN>")[:300] or type(err).__name__
+        raise DataError(
+            f"hub:{dataset_id}: could not load the dataset from the Hugging Face Hub ({type(err).__name__}: "
+            f"{reason}). Check the id, your access to it, and the network (HF_HUB_OFFLINE=1 forbids downloads)."
+        ) from None
     return [(f"{dataset_id}, row {number}", row) for number, row in enumerate(rows, start=1)]
 
 
 def _check_row(where: str, row: Any) -> Problem | None:
     if not isinstance(row, dict):
         return Problem(where, "not an object", f"expected an object with {', '.join(FIELDS)}, got {type(row).__name__}")
+    if getattr(row, "duplicates", None):
+        keys = ", ".join(map(repr, row.duplicates))
+        return Problem(where, "duplicate key", f"key(s) {keys} appear more than once; JSON would keep only the last")
     missing = [f for f in FIELDS if f not in row]
     if missing:
         return Problem(where, "missing field", f"missing field(s) {', '.join(missing)}")
@@ -173,6 +222,8 @@ def load_rows(source: str = "sample", on_error: str = "stop") -> LoadedRows:
     path = SAMPLE if source == "sample" else Path(source).expanduser()
     if not path.is_absolute():
         path = ROOT / path
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not a data file: name a .jsonl, .json or .parquet file in it.")
     if not path.is_file():
         raise DataError(f"Data file {path} does not exist.")
     return validate_rows(_read_file(path), str(path), on_error)
@@ -295,3 +346,45 @@ def build_splits(
         "lengths": lengths,
     }
     return splits, stats
+
+
+@dataclass
+class EvalExamples:
+    """Notebook 07's `EVAL_DATA` as prompt-completion examples, loaded under the same rules as notebook 03's rows."""
+
+    examples: list[dict[str, Any]]
+    problems: list[Problem]  # rows skipped (data.on_error: skip), by reason
+    too_long: list[dict[str, Any]]  # rows over max_seq_length: where, tokens, over, dropped or truncated
+
+    def summary(self) -> str:
+        skipped = dict(Counter(p.reason for p in self.problems))
+        actions = dict(Counter(r["action"] for r in self.too_long))
+        return f"{len(self.examples)} rows; skipped: {skipped or 'none'}; over max_length: {actions or 'none'}"
+
+
+def load_eval_examples(source: str, profile: Any, tokenizer: PreTrainedTokenizerBase | None = None) -> EvalExamples:
+    """Rows from `source` (a file or `hub:<id>`, as `load_rows`) honouring the profile's data.on_error and, for rows
+    longer than model.max_seq_length, data.too_long (drop, or truncate the answer keeping the end-of-turn token).
+    The tokenizer is loaded from the profile when not given (notebook 07 reads its data before its model)."""
+    if tokenizer is None:
+        from helpers.model import load_tokenizer
+
+        tokenizer = load_tokenizer(profile)[0]
+    loaded = load_rows(source, profile.data.on_error)
+    max_length, examples, too_long = profile.model.max_seq_length, [], []
+    for row in loaded.rows:
+        length = len(tokenize_example(tokenizer, to_prompt_completion(row))["input_ids"])
+        if length > max_length:
+            shortened = _truncate_answer(tokenizer, row, max_length) if profile.data.too_long == "truncate" else None
+            action = "truncated" if shortened else "dropped"
+            too_long.append({"where": row["where"], "tokens": length, "over": length - max_length, "action": action})
+            if shortened is None:
+                continue
+            row = shortened
+        examples.append(to_prompt_completion(row))
+    if not examples:
+        raise DataError(
+            f"{source}: no rows fit max_seq_length={max_length} ({len(too_long)} longer); raise model.max_seq_length "
+            "or set data.too_long: truncate."
+        )
+    return EvalExamples(examples, loaded.problems, too_long)

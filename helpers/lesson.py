@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from helpers.backend import check_hardware, uses_unsloth
@@ -17,7 +18,16 @@ class Lesson:
 
 
 def start_lesson(profile_name: str, run_name: str) -> Lesson:
-    """Validate the profile, check the hardware, read tokens from `.env`, import Unsloth first when it is used, seed."""
+    """Validate the profile, check the hardware, read tokens from `.env`, import Unsloth first when it is used, seed.
+
+    Under the classroom runner, LLM_SCHOOL_PROFILE and LLM_SCHOOL_RUN_NAME (set by it) win over the arguments: a
+    learner's notebook that lost its `parameters` cell still writes into that learner's run folder."""
+    for variable, given in (("LLM_SCHOOL_PROFILE", profile_name), ("LLM_SCHOOL_RUN_NAME", run_name)):
+        forced = os.environ.get(variable)
+        if forced and forced != given:
+            print(f"{variable} is set (by the classroom runner): using {forced!r}, not {given!r}")
+    profile_name = os.environ.get("LLM_SCHOOL_PROFILE") or profile_name
+    run_name = os.environ.get("LLM_SCHOOL_RUN_NAME") or run_name
     profile = load_profile(profile_name)
     check_hardware(profile)
     load_secrets()

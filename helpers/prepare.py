@@ -10,6 +10,7 @@ default: offline, and much weaker pairs).
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -19,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import openai
 import torch
@@ -40,10 +42,16 @@ PROMPT = (
     'only, in this form: {{"pairs": [{{"question": "...", "answer": "..."}}]}}\n\nTEXT:\n{text}'
 )
 FRONT_MATTER = re.compile(r"\A---\n.*?\n---\n", re.DOTALL)
-MARKDOWN_IMAGE = re.compile(r"!\[[^\]]*\]\([^)]*\)")
-MARKDOWN_LINK = re.compile(r"\[([^\]]+)\]\([^)]*\)")
+# Link text and target exclude their own opening bracket: each attempt stops at the next `[` (or `(`), so a document
+# full of `[` is scanned in linear time (`[^\]]*` rescanned to the end for every `[`: hours for 1 MB).
+MARKDOWN_IMAGE = re.compile(r"!\[[^\[\]]*\]\([^()]*\)")
+MARKDOWN_LINK = re.compile(r"\[([^\[\]]+)\]\([^()]*\)")
 URL = re.compile(r"\(?\bhttps?://\S+")
 METADATA_LINE = re.compile(r"^(maintainer|owner|source|version|author|copyright)\b.*$", re.IGNORECASE | re.MULTILINE)
+MAX_DOCUMENT_BYTES = 2_000_000  # a raw document larger than this is skipped (a book is not one lesson's source)
+MAX_REPLY_CHARS = 100_000  # a helper-LLM reply longer than this is dropped unparsed (1024 tokens are ~4,000 chars)
+MAX_REPLY_DEPTH = 20  # JSON nesting a reply may have ({"pairs": [{...}]} is 3): deeper is dropped before parsing
+OPENAI_HOST = "api.openai.com"
 
 
 @dataclass
@@ -90,10 +98,12 @@ def chunk_text(text: str, max_words: int) -> list[str]:
     return chunks
 
 
-def read_documents(folder: str | Path, max_words: int) -> tuple[list[Chunk], list[Problem], int]:
+def read_documents(
+    folder: str | Path, max_words: int, max_bytes: int = MAX_DOCUMENT_BYTES
+) -> tuple[list[Chunk], list[Problem], int]:
     """Chunks of every HTML, Markdown and text file in `folder`, the files that could not be used, and how many
-    documents were read. An unreadable or binary file is reported and skipped; a folder with no usable file is an
-    error."""
+    documents were read. An unreadable, binary or too large (over `max_bytes`) file is reported and skipped; a
+    folder with no usable file is an error."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"Raw document folder {folder} does not exist.")
@@ -105,6 +115,12 @@ def read_documents(folder: str | Path, max_words: int) -> tuple[list[Chunk], lis
             problems.append(Problem(where, "unsupported type", f"not one of {', '.join(RAW_SUFFIXES)}"))
             continue
         try:
+            size = path.stat().st_size
+            if size > max_bytes:  # checked before reading: a huge file is never loaded into memory
+                problems.append(
+                    Problem(where, "too large", f"{size:,} bytes, over the limit of {max_bytes:,} bytes; split it")
+                )
+                continue
             data = path.read_bytes()
         except OSError as err:
             problems.append(Problem(where, "unreadable", f"cannot be read ({err.strerror})"))
@@ -129,12 +145,55 @@ def read_documents(folder: str | Path, max_words: int) -> tuple[list[Chunk], lis
     return chunks, problems, documents
 
 
+class ReplyRefused(ValueError):
+    """A reply dropped before parsing (too long, nested too deep); `reason` is what select_pairs counts it as."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def json_depth(text: str, start: int = 0) -> int:
+    """How deeply the JSON value starting at `start` nests objects and lists (brackets inside strings do not
+    count); a linear scan that stops where the value ends, so it is safe on any input."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text[start:]:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+            if depth <= 0:
+                break
+    return deepest
+
+
 def parse_pairs(reply: str) -> list[dict[str, str]]:
     """The question/answer pairs in a generator's reply: the first JSON object or list in it (code fences and
-    chatter around it are ignored). Raises ValueError when there is none."""
+    chatter around it are ignored). Raises ValueError when there is none, and ReplyRefused (before parsing) for a
+    reply over MAX_REPLY_CHARS or nested deeper than MAX_REPLY_DEPTH (the parser would recurse until it fails)."""
+    if len(reply) > MAX_REPLY_CHARS:
+        raise ReplyRefused(
+            "reply too long", f"the reply has {len(reply):,} characters, over the limit of {MAX_REPLY_CHARS:,}"
+        )
     starts = [i for i in (reply.find("{"), reply.find("[")) if i >= 0]
     if not starts:
         raise ValueError("no JSON in the reply")
+    depth = json_depth(reply, min(starts))
+    if depth > MAX_REPLY_DEPTH:
+        raise ReplyRefused(
+            "reply nested too deep", f"the reply's JSON nests {depth} levels deep, over the limit of {MAX_REPLY_DEPTH}"
+        )
     try:
         value, _ = json.JSONDecoder().raw_decode(reply[min(starts) :])
     except json.JSONDecodeError as err:
@@ -166,6 +225,9 @@ def select_pairs(
         for text in texts:
             try:
                 pairs = parse_pairs(text)
+            except ReplyRefused as err:
+                selection.dropped[err.reason] += 1
+                continue
             except ValueError:
                 selection.dropped["reply not JSON"] += 1
                 continue
@@ -216,8 +278,8 @@ def generate_replies(
             try:
                 record = json.loads(line)
                 done[record["id"]] = record["replies"]
-            except (ValueError, KeyError):
-                continue  # a line cut off by an interruption: that chunk is simply asked again
+            except (ValueError, KeyError, TypeError, RecursionError):
+                continue  # a line cut off by an interruption (or edited): that chunk is simply asked again
     wanted = {c.id for c in chunks}
     todo = [c for c in chunks if c.id not in done]
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -251,12 +313,51 @@ def _retry_wait(state) -> float:
         return _backoff(state)
 
 
+def _is_local(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def api_endpoint(base_url: str | None, api_key_env: str | None = None) -> tuple[str, str | None]:
+    """Where requests go and the key they carry (None: no key).
+
+    OPENAI_API_KEY goes only to OpenAI's own host over https. Any other server gets the key in the variable named
+    by `api_key_env` (prepare.api_key_env), or none; a key is never sent in plain http to a host other than this
+    machine. Without base_url, OPENAI_BASE_URL (which the openai client would read by itself) or OpenAI's URL.
+    """
+    url = base_url or os.environ.get("OPENAI_BASE_URL") or f"https://{OPENAI_HOST}/v1"
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if parts.scheme not in ("http", "https") or not host:
+        raise DataError(f"prepare.base_url {url!r} is not an http(s) URL such as http://localhost:8000/v1.")
+    openai_host = parts.scheme == "https" and host == OPENAI_HOST
+    name = api_key_env or ("OPENAI_API_KEY" if openai_host else None)
+    if name is None:
+        return url, None  # another server and no key named for it: the OpenAI key stays here
+    key = os.environ.get(name)
+    if not key:
+        where = "OpenAI" if openai_host else f"the server at {parts.scheme}://{parts.netloc}"
+        raise DataError(
+            f"The OpenAI backend needs {name} in the environment (or a git-ignored .env file) for {where}. For a "
+            "local OpenAI-compatible server, set prepare.base_url (and prepare.api_key_env if it wants a key)."
+        )
+    if parts.scheme == "http" and not _is_local(host):
+        raise DataError(
+            f"Refusing to send the key in {name} over plain http to {host}: anyone on the way could read it. Use "
+            "https, a server on this machine (localhost), or no key (leave prepare.api_key_env empty)."
+        )
+    return url, key
+
+
 class OpenAIGenerator:
     """Any OpenAI-compatible chat API, within a request and a token budget per window, retrying 429 and 5xx.
 
     The budgets are enforced here with pyrate-limiter (the client's own retries are off, so that retries pass
-    through the limiter too); a 429's Retry-After is honoured. The key comes from OPENAI_API_KEY only; a local
-    server (vLLM, llama.cpp, Ollama) usually accepts any key.
+    through the limiter too); a 429's Retry-After is honoured. OPENAI_API_KEY goes only to api.openai.com; another
+    server gets the key in `api_key_env` or none (see `api_endpoint`); a local server (vLLM, llama.cpp, Ollama)
+    usually accepts any key.
     """
 
     def __init__(
@@ -269,14 +370,20 @@ class OpenAIGenerator:
         max_tokens: int = 1024,
         pairs_per_reply: int = 3,
         attempts: int = 6,
+        api_key_env: str | None = None,
     ):
-        key = os.environ.get("OPENAI_API_KEY")
-        if not key and not base_url:
-            raise DataError(
-                "The OpenAI backend needs OPENAI_API_KEY in the environment (or a git-ignored .env file). For a "
-                "local OpenAI-compatible server, set BASE_URL instead."
-            )
-        self.client = openai.OpenAI(api_key=key or "local-server", base_url=base_url or None, max_retries=0)
+        url, key = api_endpoint(base_url, api_key_env)
+        # Everything explicit: the client would otherwise fill a missing key, admin key, organization and project
+        # from OPENAI_* variables and send them to whatever server this is. "no-key" is a placeholder, no secret.
+        self.client = openai.OpenAI(
+            api_key=key or "no-key",
+            admin_api_key="",
+            organization="",
+            project="",
+            base_url=url,
+            max_retries=0,
+            default_headers={"Authorization": f"Bearer {key or 'no-key'}"},  # wins over OPENAI_CUSTOM_HEADERS'
+        )
         self.model, self.max_tokens, self.pairs_per_reply, self.attempts = model, max_tokens, pairs_per_reply, attempts
         # A request reaches the server a little after the limiter lets it go (a first one also waits for its
         # connection), so the client's window is a quarter of a second longer than the server's.
@@ -362,6 +469,7 @@ def make_generator(profile: Profile, settings: PrepareSettings) -> tuple[Generat
             tokens_per_window=settings.tokens_per_minute,
             max_tokens=settings.max_new_tokens,
             pairs_per_reply=settings.pairs_per_reply,
+            api_key_env=settings.api_key_env,
         )
         return generator, settings.api_model
     model, tokenizer, card = load_model(profile)

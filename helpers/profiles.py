@@ -76,6 +76,8 @@ class PrepareSettings(_Section):
     backend: Literal["local", "openai"] = "local"  # local: the profile's model; openai: any compatible API
     api_model: str = "gpt-4o-mini"  # the model an OpenAI-compatible API serves
     base_url: str | None = None  # e.g. http://localhost:8000/v1 for vLLM, llama.cpp or Ollama
+    # The environment variable holding base_url's key (its name, never the key): OPENAI_API_KEY goes only to OpenAI.
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     responses_per_chunk: int = Field(16, ge=1)  # the seed asked for 16 replies per item
     temperature: float = Field(0.7, ge=0.0, le=2.0)  # the seed's 0.7: varied but on topic
     pairs_per_reply: int = Field(3, ge=1)
@@ -101,6 +103,12 @@ class EvalSettings(_Section):
     batch_size: int = Field(4, ge=1)
 
 
+class ClassroomSettings(_Section):
+    """`python -m helpers.classroom run`: limits for each learner's notebooks."""
+
+    notebook_timeout_s: int = Field(1800, ge=1)  # a learner's notebook running longer is stopped and reported
+
+
 class Profile(_Section):
     name: str
     description: str
@@ -111,6 +119,7 @@ class Profile(_Section):
     infer: InferSettings
     evaluate: EvalSettings = Field(default_factory=EvalSettings)
     prepare: PrepareSettings = Field(default_factory=PrepareSettings)
+    classroom: ClassroomSettings = Field(default_factory=ClassroomSettings)
 
 
 BASE = "base"  # profiles/base.yaml: shared values, not a profile by itself
@@ -173,6 +182,8 @@ def load_profile(name_or_path: str | Path, overrides: dict[str, Any] | None = No
         return Profile.model_validate(_merge(_read(path), overrides or {}))
     except ValidationError as err:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {repr(e.get('input'))[:80]})" for e in err.errors()
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+            + ("" if "key" in str(e["loc"][-1]) else f" (got {repr(e.get('input'))[:80]})")  # a pasted key stays hidden
+            for e in err.errors()
         )
         raise ProfileError(f"Profile {path} is invalid: {problems}") from None

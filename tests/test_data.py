@@ -148,3 +148,100 @@ def test_truncate_policy_shortens_answers_and_keeps_the_end_of_turn(sample_rows,
     eot_id = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
     for example in splits["train"]:
         check_end_of_turn_trained(tokenize_example(tokenizer, example)["labels"], eot_id, "truncated row")
+
+
+# ---- adversarial inputs: each is a named problem or accepted, and nothing good is lost ---------------------------
+
+
+def test_a_byte_order_mark_on_row_1_is_accepted_not_dropped(tmp_path):
+    other = {**ROW, "instruction": "What is a pepper?"}
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(ROW) + "\n" + json.dumps(other) + "\n").encode())
+    for policy in ("stop", "skip"):
+        loaded = load_rows(str(path), on_error=policy)
+        assert [r["instruction"] for r in loaded.rows] == [ROW["instruction"], other["instruction"]]
+        assert not loaded.problems
+    as_list = tmp_path / "bom.json"
+    as_list.write_bytes(b"\xef\xbb\xbf" + json.dumps([ROW, other]).encode())
+    assert len(load_rows(str(as_list)).rows) == 2
+
+
+def test_suffixes_are_case_insensitive(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    other = {**ROW, "instruction": "What is a pepper?"}
+    write_jsonl(tmp_path / "UPPER.JSONL", [ROW, other])
+    (tmp_path / "mixed.Json").write_text(json.dumps([ROW, other]))
+    pq.write_table(pa.Table.from_pylist([ROW, other]), tmp_path / "rows.PARQUET")
+    for name in ("UPPER.JSONL", "mixed.Json", "rows.PARQUET"):
+        assert len(load_rows(str(tmp_path / name)).rows) == 2, name
+
+
+def test_a_corrupt_parquet_is_a_named_data_error(tmp_path):
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"PAR1" + b"\x00garbage" * 100)
+    with pytest.raises(DataError, match=r"broken.parquet: not a readable parquet file \("):
+        load_rows(str(path))
+
+
+def test_a_folder_is_reported_as_a_folder(tmp_path):
+    (tmp_path / "data.jsonl").mkdir()
+    with pytest.raises(DataError, match=r"data.jsonl is a folder, not a data file"):
+        load_rows(str(tmp_path / "data.jsonl"))
+
+
+def test_duplicate_keys_in_a_row_are_a_named_problem(tmp_path):
+    other = {**ROW, "instruction": "What is a pepper?"}
+    twice = '{"subject": "s", "system": "", "instruction": "Q?", "response": "harmless", "response": "evil"}'
+    path = write_jsonl(tmp_path / "d.jsonl", [ROW, twice, other])
+    with pytest.raises(DataError, match=r"line 2: key\(s\) 'response' appear more than once; JSON would keep only"):
+        load_rows(path)
+    loaded = load_rows(path, on_error="skip")
+    assert loaded.skipped() == {"duplicate key": 1} and len(loaded.rows) == 2
+    (tmp_path / "d.json").write_text("[" + json.dumps(ROW) + "," + twice + "]")
+    with pytest.raises(DataError, match=r"d.json, row 2: key\(s\) 'response' appear more than once"):
+        load_rows(str(tmp_path / "d.json"))
+
+
+def test_a_row_nested_past_the_parsers_limit_is_a_named_problem(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [ROW, "[" * 100_000 + "]" * 100_000])
+    with pytest.raises(DataError, match=r"line 2: not usable JSON \(nested too deeply\)"):
+        load_rows(path)
+    assert len(load_rows(path, on_error="skip").rows) == 1
+
+
+def test_a_hub_error_is_a_named_data_error_without_the_token(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    canary = "hf_canary_never_printed_1234"
+    script = "from helpers.data import load_rows\nload_rows('hub:nobody-llm-school/no-such-dataset')"
+    env = {**os.environ, "HF_TOKEN": canary, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "helpers.data.DataError: hub:nobody-llm-school/no-such-dataset: could not load the dataset" in result.stderr
+    assert canary not in result.stderr + result.stdout
+
+
+def test_eval_data_honours_on_error_and_the_length_limit(tmp_path, smoke, tokenizer):
+    from helpers.data import load_eval_examples
+
+    long = {**ROW, "instruction": "What is a long answer?", "response": "word " * 2000}
+    path = write_jsonl(tmp_path / "eval.jsonl", [ROW, "{broken", long])
+    with pytest.raises(DataError, match="line 2: not valid JSON"):
+        load_eval_examples(path, smoke, tokenizer)
+    skip = smoke.model_copy(update={"data": smoke.data.model_copy(update={"on_error": "skip"})})
+    loaded = load_eval_examples(path, skip, tokenizer)
+    assert [e["prompt"][-1]["content"] for e in loaded.examples] == [ROW["instruction"]]
+    assert [p.reason for p in loaded.problems] == ["invalid JSON"]
+    assert loaded.too_long[0]["action"] == "dropped" and loaded.too_long[0]["where"].endswith("line 3")
+    assert loaded.summary() == "1 rows; skipped: {'invalid JSON': 1}; over max_length: {'dropped': 1}"
+    truncate = skip.model_copy(update={"data": skip.data.model_copy(update={"too_long": "truncate"})})
+    loaded = load_eval_examples(path, truncate, tokenizer)
+    kept = loaded.examples[1]
+    assert len(loaded.examples) == 2 and 0 < len(kept["completion"][0]["content"].split()) < 2000
+    assert len(tokenize_example(tokenizer, kept)["input_ids"]) <= smoke.model.max_seq_length

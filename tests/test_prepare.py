@@ -16,8 +16,11 @@ import pytest
 from helpers import ROOT
 from helpers.data import DataError
 from helpers.prepare import (
+    MAX_DOCUMENT_BYTES,
+    MAX_REPLY_DEPTH,
     Chunk,
     OpenAIGenerator,
+    api_endpoint,
     chunk_text,
     clean_text,
     generate_replies,
@@ -123,11 +126,14 @@ class FakeAPI(BaseHTTPRequestHandler):
     """An OpenAI-compatible chat completions endpoint with a request log, some 429s and one 500."""
 
     log: list = []
+    headers_seen: list = []  # every request's headers, to check which key reached this host
     lock = threading.Lock()
     rate_limited = {1, 4}  # documents whose first request gets 429 + Retry-After
     server_error = 2  # the document whose first request gets a 500
 
     def do_POST(self):
+        with self.lock:
+            self.headers_seen.append({key.lower(): value for key, value in self.headers.items()})
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         doc = int(re.search(r"Document number (\d+)", body["messages"][0]["content"]).group(1))
         with self.lock:
@@ -171,7 +177,7 @@ class FakeAPI(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def api():
-    FakeAPI.log = []
+    FakeAPI.log, FakeAPI.headers_seen = [], []
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeAPI)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}/v1"
@@ -242,8 +248,141 @@ def test_an_interrupted_api_run_resumes_without_asking_again(api, tmp_path):
 
 def test_api_backend_without_a_key_says_where_the_key_goes(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     with pytest.raises(DataError, match="OPENAI_API_KEY in the environment"):
         OpenAIGenerator("gpt-4o-mini")
+
+
+OPENAI_CANARY, LOCAL_CANARY = "sk-canary-openai-0451", "canary-local-server-7781"
+
+
+def secrets_in(headers_seen: list[dict]) -> str:
+    return json.dumps(headers_seen)
+
+
+def test_the_openai_key_never_reaches_another_host(api, tmp_path, monkeypatch):
+    """A local server asked without prepare.api_key_env receives no key at all, whatever OPENAI_* variables hold."""
+    monkeypatch.setenv("OPENAI_API_KEY", OPENAI_CANARY)
+    monkeypatch.setenv("OPENAI_ADMIN_KEY", OPENAI_CANARY + "-admin")
+    monkeypatch.setenv("OPENAI_CUSTOM_HEADERS", f"Authorization: Bearer {OPENAI_CANARY}-custom")
+    chunks, _, _ = read_documents(documents(tmp_path / "raw", 2), 300)
+    generator = OpenAIGenerator("test-model", base_url=api)
+    replies = generate(chunks, generator, tmp_path / "cache.jsonl", n=1, temperature=0.7)
+    assert len(replies) == 2 and len(FakeAPI.headers_seen) >= 2
+    assert OPENAI_CANARY not in secrets_in(FakeAPI.headers_seen)
+    assert {h.get("authorization") for h in FakeAPI.headers_seen} == {"Bearer no-key"}
+
+    # OPENAI_BASE_URL (which the openai client reads by itself) is another host too: still no key
+    monkeypatch.setenv("OPENAI_BASE_URL", api)
+    FakeAPI.headers_seen.clear()
+    generate(chunks, OpenAIGenerator("test-model"), tmp_path / "cache2.jsonl", n=1, temperature=0.7)
+    assert FakeAPI.headers_seen and OPENAI_CANARY not in secrets_in(FakeAPI.headers_seen)
+
+
+def test_a_local_server_gets_only_the_key_named_in_api_key_env(api, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", OPENAI_CANARY)
+    monkeypatch.setenv("LOCAL_LLM_KEY", LOCAL_CANARY)
+    chunks, _, _ = read_documents(documents(tmp_path / "raw", 2), 300)
+    generator = OpenAIGenerator("test-model", base_url=api, api_key_env="LOCAL_LLM_KEY")
+    generate(chunks, generator, tmp_path / "cache.jsonl", n=1, temperature=0.7)
+    assert {h.get("authorization") for h in FakeAPI.headers_seen} == {f"Bearer {LOCAL_CANARY}"}
+    assert OPENAI_CANARY not in secrets_in(FakeAPI.headers_seen)
+    monkeypatch.delenv("LOCAL_LLM_KEY")
+    with pytest.raises(DataError, match="needs LOCAL_LLM_KEY in the environment"):
+        OpenAIGenerator("test-model", base_url=api, api_key_env="LOCAL_LLM_KEY")
+
+
+def test_where_each_key_may_go(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", OPENAI_CANARY)
+    monkeypatch.setenv("LOCAL_LLM_KEY", LOCAL_CANARY)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    assert api_endpoint(None) == ("https://api.openai.com/v1", OPENAI_CANARY)
+    assert api_endpoint("https://api.openai.com/v1") == ("https://api.openai.com/v1", OPENAI_CANARY)
+    for elsewhere in ("http://api.openai.com/v1", "https://api.openai.com.evil.example/v1", "https://llm.example/v1"):
+        assert api_endpoint(elsewhere) == (elsewhere, None), elsewhere
+    assert api_endpoint("https://llm.example/v1", "LOCAL_LLM_KEY")[1] == LOCAL_CANARY
+    for local in ("http://localhost:8000/v1", "http://127.0.0.1:8000/v1", "http://[::1]:8000/v1"):
+        assert api_endpoint(local, "LOCAL_LLM_KEY")[1] == LOCAL_CANARY
+    for plain in ("http://llm.example/v1", "http://10.0.0.5:8000/v1", "http://api.openai.com/v1"):
+        with pytest.raises(DataError, match="Refusing to send the key in LOCAL_LLM_KEY over plain http") as err:
+            api_endpoint(plain, "LOCAL_LLM_KEY")
+        assert LOCAL_CANARY not in str(err.value)
+    with pytest.raises(DataError, match="is not an http"):
+        api_endpoint("ftp://llm.example/v1")
+
+
+def test_a_key_pasted_into_api_key_env_is_refused_without_being_printed():
+    from helpers.profiles import ProfileError, load_profile
+
+    with pytest.raises(ProfileError, match="prepare.api_key_env") as err:
+        load_profile("cpu-smoke", {"prepare": {"api_key_env": OPENAI_CANARY}})
+    assert OPENAI_CANARY not in str(err.value)
+    assert load_profile("cpu-smoke", {"prepare": {"api_key_env": "VLLM_KEY"}}).prepare.api_key_env == "VLLM_KEY"
+
+
+ADVERSARIAL = {
+    "open brackets": "[" * 1_000_000,
+    "unclosed links": "[a](" * 250_000,
+    "unclosed images": "![" * 500_000,
+    "links without targets": "[a]" * 333_333,
+}
+
+
+@pytest.mark.parametrize("name", ADVERSARIAL)
+def test_link_cleaning_is_linear_on_a_1mb_adversarial_document(name, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "evil.md").write_text(ADVERSARIAL[name] + "\n\nPassphrases beat short passwords.\n")
+    start = time.perf_counter()
+    chunks, problems, documents_read = read_documents(raw, 300)
+    seconds = time.perf_counter() - start
+    assert seconds < 1.0, f"{name}: {seconds:.2f} s"
+    assert documents_read == 1 and not problems and "Passphrases beat short passwords." in chunks[-1].text
+    # ordinary links still lose their targets; a link whose text holds brackets is left as written
+    assert clean_text("See [the report](https://x.example/r) and ![logo](l.png), [a [b] c](u).", ".md") == (
+        "See the report and , [a [b] c](u)."
+    )
+
+
+def test_a_document_over_the_size_limit_is_skipped_with_its_reason(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "book.txt").write_bytes(b"word " * (MAX_DOCUMENT_BYTES // 5 + 1))
+    (raw / "note.md").write_text("Passphrases beat short passwords.\n")
+    chunks, problems, documents_read = read_documents(raw, 300)
+    assert documents_read == 1 and [c.source for c in chunks] == ["note.md"]
+    assert [(p.where, p.reason) for p in problems] == [("book.txt", "too large")]
+    size = MAX_DOCUMENT_BYTES + 5
+    assert str(problems[0]) == f"book.txt: {size:,} bytes, over the limit of 2,000,000 bytes; split it"
+
+
+class DeepReplies:
+    """A generator whose replies are hostile JSON (a stand-in for a misbehaving helper LLM); counts its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def replies(self, chunk, n, temperature):
+        self.calls += 1
+        deep = "[" * 1000 + "]" * 1000
+        good = json.dumps({"pairs": [{"question": "What beats short passwords?", "answer": "Passphrases do, " * 3}]})
+        braces = json.dumps({"pairs": [{"question": "Why [[[[ here?", "answer": "Brackets in strings do not nest."}]})
+        return [deep, '{"pairs": ' * 5000, "x" * 200_000, good, braces]
+
+
+def test_a_deeply_nested_or_huge_reply_is_dropped_before_parsing_and_a_rerun_does_not_crash(tmp_path):
+    chunk = Chunk("doc.md", 0, "Doc", "Passphrases beat short passwords.")
+    generator, cache = DeepReplies(), tmp_path / "cache.jsonl"
+    for _ in range(2):  # the second run reads the cached hostile replies back
+        replies = generate([chunk], generator, cache, n=5, temperature=0.7)
+        selection = select_pairs(replies, [chunk])
+        assert [r["instruction"] for r in selection.rows] == ["What beats short passwords?", "Why [[[[ here?"]
+        assert dict(selection.dropped) == {"reply nested too deep": 2, "reply too long": 1}
+    assert generator.calls == 1, "the cached replies were asked again"
+    with pytest.raises(ValueError, match=f"nests 1000 levels deep, over the limit of {MAX_REPLY_DEPTH}"):
+        parse_pairs("[" * 1000 + "]" * 1000)
+    with pytest.raises(ValueError, match="the reply has 200,000 characters, over the limit of 100,000"):
+        parse_pairs("x" * 200_000)
 
 
 def test_push_to_hub_needs_a_token_and_is_never_implicit(monkeypatch):
