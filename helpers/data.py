@@ -166,8 +166,9 @@ def _read_hub(dataset_id: str) -> list[Item]:
 def _check_row(where: str, row: Any) -> Problem | None:
     if not isinstance(row, dict):
         return Problem(where, "not an object", f"expected an object with {', '.join(FIELDS)}, got {type(row).__name__}")
-    if getattr(row, "duplicates", None):
-        keys = ", ".join(map(repr, row.duplicates))
+    duplicates = getattr(row, "duplicates", None)  # set by the JSON reader's object_pairs_hook
+    if duplicates:
+        keys = ", ".join(map(repr, duplicates))
         return Problem(where, "duplicate key", f"key(s) {keys} appear more than once; JSON would keep only the last")
     missing = [f for f in FIELDS if f not in row]
     if missing:

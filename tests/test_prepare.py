@@ -267,7 +267,7 @@ def test_the_openai_key_never_reaches_another_host(api, tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_CUSTOM_HEADERS", f"Authorization: Bearer {OPENAI_CANARY}-custom")
     chunks, _, _ = read_documents(documents(tmp_path / "raw", 2), 300)
     generator = OpenAIGenerator("test-model", base_url=api)
-    replies = generate(chunks, generator, tmp_path / "cache.jsonl", n=1, temperature=0.7)
+    replies = generate_replies(chunks, generator, tmp_path / "cache.jsonl", n=1, temperature=0.7)
     assert len(replies) == 2 and len(FakeAPI.headers_seen) >= 2
     assert OPENAI_CANARY not in secrets_in(FakeAPI.headers_seen)
     assert {h.get("authorization") for h in FakeAPI.headers_seen} == {"Bearer no-key"}
@@ -275,7 +275,7 @@ def test_the_openai_key_never_reaches_another_host(api, tmp_path, monkeypatch):
     # OPENAI_BASE_URL (which the openai client reads by itself) is another host too: still no key
     monkeypatch.setenv("OPENAI_BASE_URL", api)
     FakeAPI.headers_seen.clear()
-    generate(chunks, OpenAIGenerator("test-model"), tmp_path / "cache2.jsonl", n=1, temperature=0.7)
+    generate_replies(chunks, OpenAIGenerator("test-model"), tmp_path / "cache2.jsonl", n=1, temperature=0.7)
     assert FakeAPI.headers_seen and OPENAI_CANARY not in secrets_in(FakeAPI.headers_seen)
 
 
@@ -284,7 +284,7 @@ def test_a_local_server_gets_only_the_key_named_in_api_key_env(api, tmp_path, mo
     monkeypatch.setenv("LOCAL_LLM_KEY", LOCAL_CANARY)
     chunks, _, _ = read_documents(documents(tmp_path / "raw", 2), 300)
     generator = OpenAIGenerator("test-model", base_url=api, api_key_env="LOCAL_LLM_KEY")
-    generate(chunks, generator, tmp_path / "cache.jsonl", n=1, temperature=0.7)
+    generate_replies(chunks, generator, tmp_path / "cache.jsonl", n=1, temperature=0.7)
     assert {h.get("authorization") for h in FakeAPI.headers_seen} == {f"Bearer {LOCAL_CANARY}"}
     assert OPENAI_CANARY not in secrets_in(FakeAPI.headers_seen)
     monkeypatch.delenv("LOCAL_LLM_KEY")
@@ -374,8 +374,8 @@ def test_a_deeply_nested_or_huge_reply_is_dropped_before_parsing_and_a_rerun_doe
     chunk = Chunk("doc.md", 0, "Doc", "Passphrases beat short passwords.")
     generator, cache = DeepReplies(), tmp_path / "cache.jsonl"
     for _ in range(2):  # the second run reads the cached hostile replies back
-        replies = generate([chunk], generator, cache, n=5, temperature=0.7)
-        selection = select_pairs(replies, [chunk])
+        replies = generate_replies([chunk], generator, cache, n=5, temperature=0.7)
+        selection = select_pairs(replies, [chunk], "You are a security expert.")
         assert [r["instruction"] for r in selection.rows] == ["What beats short passwords?", "Why [[[[ here?"]
         assert dict(selection.dropped) == {"reply nested too deep": 2, "reply too long": 1}
     assert generator.calls == 1, "the cached replies were asked again"
