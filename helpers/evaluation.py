@@ -335,15 +335,16 @@ def build_report(
 
 
 def changes_table(loss: dict[str, Any], changes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per metric: base, tuned, change with its 95% interval, and the verdict (answer loss first)."""
+    """One row per metric: base, tuned, change with its 95% interval (low, high), and the verdict.
+
+    The answer loss comes first, its change relative to the base (-0.2: 20% lower).
+    """
     i = loss["interval"]
-    rows = [{"metric": "answer_loss (relative)", "base": i["base"], "tuned": i["tuned"], "change": i["change"],
-             "95% interval": f"[{i['low']:+.1%}, {i['high']:+.1%}]", "tuned better": i["tuned_better"]}]  # fmt: skip
+    rows = [{"metric": "answer_loss (relative)", **{k: i[k] for k in ("base", "tuned", "change", "low", "high")},
+             "tuned better": i["tuned_better"]}]  # fmt: skip
     for metric, c in changes.items():
-        rows.append(
-            {"metric": metric, "base": c["base"], "tuned": c["tuned"], "change": c["change"],
-             "95% interval": f"[{c['low']:+.3f}, {c['high']:+.3f}]", "tuned better": c["tuned_better"]}
-        )  # fmt: skip
+        rows.append({"metric": metric, **{k: c[k] for k in ("base", "tuned", "change", "low", "high")},
+                     "tuned better": c["tuned_better"]})  # fmt: skip
     return rows
 
 
@@ -377,11 +378,10 @@ def report_markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for row in changes_table(loss, report["generation"]["changes"]):
-        percent = row["metric"].startswith("answer_loss")
-        change = f"{row['change']:+.1%}" if percent else f"{row['change']:+.3f}"
+        f = "{:+.1%}" if row["metric"].startswith("answer_loss") else "{:+.3f}"
         lines.append(
-            f"| {row['metric']} | {row['base']:.3f} | {row['tuned']:.3f} | {change} | {row['95% interval']} "
-            f"| {row['tuned better']} |"
+            f"| {row['metric']} | {row['base']:.3f} | {row['tuned']:.3f} | {f.format(row['change'])} "
+            f"| [{f.format(row['low'])}, {f.format(row['high'])}] | {row['tuned better']} |"
         )
     lines += [
         "",

@@ -178,3 +178,26 @@ def compare_base_and_tuned(
         model, tokenizer, questions, systems, max_new_tokens, decoding, batch_size, desc and f"{desc} (tuned)"
     )
     return [{"question": q, "base": b, "tuned": t} for q, b, t in zip(questions, base, tuned, strict=True)]
+
+
+def answers_table(samples: list[dict[str, Any]], limit: int | None = None):
+    """Base and tuned answers side by side (with the reference where there is one), as an HTML-escaped table.
+
+    Model answers and data rows are untrusted text: a `<script>` in either must show as text, never run.
+    """
+    import pandas as pd
+
+    from helpers.evaluation import repeated_loop
+
+    rows = []
+    for s in samples[:limit]:
+        row = {"question": s["question"]}
+        if "reference" in s:
+            row["reference"] = s["reference"]
+        row |= {"base": s["base"]["answer"], "tuned": s["tuned"]["answer"]}
+        row["stopped (base/tuned)"] = f"{s['base']['stopped_by_itself']}/{s['tuned']['stopped_by_itself']}"
+        loops = [repeated_loop(s[m]["answer"]) is not None for m in ("base", "tuned")]
+        row["loop (base/tuned)"] = f"{loops[0]}/{loops[1]}"
+        rows.append(row)
+    table = pd.DataFrame(rows).style.format(escape="html")
+    return table.set_properties(**{"text-align": "left", "white-space": "pre-wrap"})

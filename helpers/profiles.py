@@ -108,6 +108,8 @@ class EvalSettings(_Section):
     batch_size: int = Field(4, ge=1)  # rows per forward pass for the answer loss
     generation_batch_size: int = Field(8, ge=1)  # questions per generate call
     bootstrap_samples: int = Field(1000, ge=100)  # paired bootstrap resamples for the 95% intervals
+    # greedy: score the model as trained (loops show); infer: with the infer section's decoding settings
+    decoding: Literal["greedy", "infer"] = "greedy"
 
 
 class Profile(_Section):

@@ -60,3 +60,15 @@ def test_decoding_comes_from_the_profile(smoke):
     kwargs = Decoding(do_sample=True, temperature=0.7, top_p=0.9).generate_kwargs()
     assert kwargs["do_sample"] and kwargs["temperature"] == 0.7 and kwargs["top_p"] == 0.9
     assert "temperature" not in GREEDY.generate_kwargs()  # greedy decoding gets no sampling knobs
+
+
+def test_answers_table_escapes_model_and_data_text():
+    from helpers.inference import answers_table
+
+    answer = {"answer": "<script>alert(1)</script> the key, " * 2, "stopped_by_itself": True}
+    sample = {"question": "<b>bold?</b>", "reference": "<img src=x onerror=alert(2)>", "base": answer,
+              "tuned": {"answer": "the key, " * 20, "stopped_by_itself": False}}  # fmt: skip
+    html = answers_table([sample]).to_html()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "<script>" not in html
+    assert "&lt;img src=x" in html and "<img" not in html and "&lt;b&gt;bold?" in html
+    assert "False/True" in html  # the tuned answer loops, the base answer does not
