@@ -72,3 +72,27 @@ def test_answers_table_escapes_model_and_data_text():
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "<script>" not in html
     assert "&lt;img src=x" in html and "<img" not in html and "&lt;b&gt;bold?" in html
     assert "False/True" in html  # the tuned answer loops, the base answer does not
+
+
+def test_local_generator_batches_its_questions_and_answers(embedded):
+    import json
+
+    from helpers.prepare import Chunk, LocalGenerator
+
+    model, tokenizer = embedded
+    calls = []
+    original = model.generate
+
+    def counting_generate(*args, **kwargs):  # a spy: the real generate runs, each call is counted
+        calls.append(kwargs["input_ids"].shape[0])
+        return original(*args, **kwargs)
+
+    model.generate = counting_generate
+    try:
+        chunk = Chunk(source="notes.md", index=0, subject="Passwords", text="Store passwords with Argon2 and a salt.")
+        replies = LocalGenerator(model, tokenizer, max_new_tokens=12).replies(chunk, 3, temperature=0.7)
+    finally:
+        del model.generate
+    assert calls == [3, 3], "three questions in one generate call, then their three answers in another"
+    pairs = [json.loads(r)["pairs"][0] for r in replies]
+    assert len(pairs) == 3 and all(isinstance(p["question"], str) and isinstance(p["answer"], str) for p in pairs)
