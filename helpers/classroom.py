@@ -113,7 +113,7 @@ def run_notebook(
     notebook: Path, run: RunFolder, profile_arg: str, timeout_s: int, pass_secrets: bool = False
 ) -> tuple[float, str]:
     """Execute one learner notebook in its own process within `timeout_s`; returns (seconds, "" or the failure)."""
-    executed = run.root / "executed" / notebook.name
+    executed = run.record("executed") / notebook.name
     executed.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="llm-school-") as scratch:
         outcome_file = Path(scratch) / "outcome.json"

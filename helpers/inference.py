@@ -3,14 +3,48 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from peft import PeftModel
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 
 from helpers.backend import uses_unsloth
-from helpers.profiles import Profile
+from helpers.profiles import InferSettings, Profile
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How the next token is chosen. The defaults are plain greedy decoding: the most likely token every time."""
+
+    repetition_penalty: float = 1.0  # >1 lowers the score of tokens already in the text (1.1-1.3 is usual)
+    no_repeat_ngram_size: int = 0  # >0 forbids any n-gram of that many tokens to appear twice (0: off)
+    do_sample: bool = False  # True: draw the next token at random from the model's distribution
+    temperature: float = 1.0  # with sampling: <1 sharpens the distribution, >1 flattens it
+    top_p: float = 1.0  # with sampling: draw only from the smallest set of tokens holding this much probability
+
+    @classmethod
+    def from_settings(cls, settings: InferSettings) -> Decoding:
+        """The decoding settings a profile's `infer` section holds."""
+        return cls(**{name: getattr(settings, name) for name in cls.__dataclass_fields__})
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `model.generate` (sampling knobs only when sampling, so greedy stays greedy)."""
+        kwargs: dict[str, Any] = {"do_sample": self.do_sample, "repetition_penalty": self.repetition_penalty}
+        if self.no_repeat_ngram_size:
+            kwargs["no_repeat_ngram_size"] = self.no_repeat_ngram_size
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p)
+        return kwargs
+
+    def describe(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+GREEDY = Decoding()
 
 
 def prepare_for_inference(model: PreTrainedModel, profile: Profile) -> PreTrainedModel:
@@ -23,14 +57,33 @@ def prepare_for_inference(model: PreTrainedModel, profile: Profile) -> PreTraine
     return model
 
 
-def chat_inputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, question: str, system: str = ""):
-    """The question (after an optional system message) in the chat template, ready for `model.generate`."""
+def _messages(question: str, system: str) -> list[dict[str, str]]:
     messages = [{"role": "user", "content": question}]
     if system:
         messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+def chat_inputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, question: str, system: str = ""):
+    """The question (after an optional system message) in the chat template, ready for `model.generate`."""
     return tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        _messages(question, system), add_generation_prompt=True, return_tensors="pt", return_dict=True
     ).to(model.device)
+
+
+def _answer(tokenizer: PreTrainedTokenizerBase, new_tokens: torch.Tensor, seconds: float) -> dict[str, Any]:
+    """One answer from its generated ids; in a batch, rows that ended early are padded after their end token."""
+    ids = new_tokens.tolist()
+    eos = tokenizer.eos_token_id
+    stopped = eos in ids
+    if stopped:
+        ids = ids[: ids.index(eos) + 1]  # the end token counts, as generate() returns it for a single question
+    return {
+        "answer": tokenizer.decode(ids, skip_special_tokens=True).strip(),
+        "tokens": len(ids),
+        "stopped_by_itself": stopped,  # end-of-turn reached before max_new_tokens
+        "seconds": round(seconds, 2),
+    }
 
 
 @torch.inference_mode()
@@ -41,41 +94,110 @@ def generate(
     system: str = "",
     max_new_tokens: int = 128,
     stream: bool = False,
+    decoding: Decoding = GREEDY,
 ) -> dict[str, Any]:
-    """Greedy answer to one question; `stream=True` prints tokens as they come."""
+    """An answer to one question (greedy unless `decoding` says otherwise); `stream=True` prints tokens as they come."""
     inputs = chat_inputs(model, tokenizer, question, system)
     start = time.perf_counter()
     output = model.generate(
         **inputs,
         max_new_tokens=max_new_tokens,
-        do_sample=False,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None,
+        **decoding.generate_kwargs(),
     )
-    seconds = time.perf_counter() - start
-    new_tokens = output[0, inputs["input_ids"].shape[1] :]
-    stopped = bool(len(new_tokens)) and int(new_tokens[-1]) == tokenizer.eos_token_id
-    return {
-        "answer": tokenizer.decode(new_tokens, skip_special_tokens=True).strip(),
-        "tokens": len(new_tokens),
-        "stopped_by_itself": stopped,  # end-of-turn reached before max_new_tokens
-        "seconds": round(seconds, 2),
-    }
+    return _answer(tokenizer, output[0, inputs["input_ids"].shape[1] :], time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: Sequence[str],
+    systems: str | Sequence[str] = "",
+    max_new_tokens: int = 128,
+    decoding: Decoding = GREEDY,
+    batch_size: int = 8,
+    desc: str | None = None,
+) -> list[dict[str, Any]]:
+    """Answers to many questions, `batch_size` at a time: one `generate` call per batch.
+
+    Prompts are padded on the left, so every row's last prompt token sits at the same position and the new tokens
+    follow it directly; the attention mask hides the padding, and greedy answers equal one-at-a-time answers
+    (tests/test_inference.py). Questions are grouped by prompt length to keep padding small; the answers come back
+    in the order of `questions`. A batched answer's `seconds` is its batch's time shared evenly.
+    """
+    if isinstance(systems, str):
+        systems = [systems] * len(questions)
+    if len(systems) != len(questions):
+        raise ValueError(f"generate_batch: {len(questions)} questions but {len(systems)} system messages")
+    texts = [
+        tokenizer.apply_chat_template(_messages(q, s), add_generation_prompt=True, tokenize=False)
+        for q, s in zip(questions, systems, strict=True)
+    ]
+    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    answers: list[dict[str, Any] | None] = [None] * len(texts)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc=desc, disable=desc is None):
+        inputs = tokenizer(
+            [texts[i] for i in batch], add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt"
+        ).to(model.device)
+        start = time.perf_counter()
+        output = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **decoding.generate_kwargs(),
+        )
+        seconds = (time.perf_counter() - start) / len(batch)
+        width = inputs["input_ids"].shape[1]
+        for row, index in enumerate(batch):
+            answers[index] = _answer(tokenizer, output[row, width:], seconds)
+    return answers  # type: ignore[return-value]
 
 
 def compare_base_and_tuned(
     model: PeftModel,
     tokenizer: PreTrainedTokenizerBase,
-    questions: list[str],
-    system: str,
+    questions: Sequence[str],
+    systems: str | Sequence[str],
     max_new_tokens: int,
+    decoding: Decoding = GREEDY,
+    batch_size: int = 8,
+    desc: str | None = None,
 ) -> list[dict[str, Any]]:
-    """For each question, the base model's answer (adapter off) and the tuned one (adapter on)."""
+    """For each question, the base model's answer (adapter off) and the tuned one (adapter on), batched."""
+    with model.disable_adapter():
+        base = generate_batch(
+            model, tokenizer, questions, systems, max_new_tokens, decoding, batch_size, desc and f"{desc} (base)"
+        )
+    tuned = generate_batch(
+        model, tokenizer, questions, systems, max_new_tokens, decoding, batch_size, desc and f"{desc} (tuned)"
+    )
+    return [{"question": q, "base": b, "tuned": t} for q, b, t in zip(questions, base, tuned, strict=True)]
+
+
+def answers_table(samples: list[dict[str, Any]], limit: int | None = None):
+    """Base and tuned answers side by side (with the reference where there is one), as an HTML-escaped table.
+
+    Model answers and data rows are untrusted text: a `<script>` in either must show as text, never run.
+    """
+    import pandas as pd
+
+    from helpers.evaluation import repeated_loop
+
     rows = []
-    for question in questions:
-        with model.disable_adapter():
-            base = generate(model, tokenizer, question, system, max_new_tokens)
-        tuned = generate(model, tokenizer, question, system, max_new_tokens)
-        rows.append({"question": question, "base": base, "tuned": tuned})
-    return rows
+    for s in samples[:limit]:
+        row = {"question": s["question"]}
+        if "reference" in s:
+            row["reference"] = s["reference"]
+        row |= {"base": s["base"]["answer"], "tuned": s["tuned"]["answer"]}
+        row["stopped (base/tuned)"] = f"{s['base']['stopped_by_itself']}/{s['tuned']['stopped_by_itself']}"
+        loops = [repeated_loop(s[m]["answer"]) is not None for m in ("base", "tuned")]
+        row["loop (base/tuned)"] = f"{loops[0]}/{loops[1]}"
+        rows.append(row)
+    table = pd.DataFrame(rows).style.format(escape="html")
+    return table.set_properties(**{"text-align": "left", "white-space": "pre-wrap"})

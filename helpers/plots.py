@@ -79,3 +79,21 @@ def subject_bars(per_subject: dict[str, dict[str, float]]) -> Figure:
     ax.set_xlabel("answer loss on held-out rows (lower is better)")
     ax.legend()
     return _finish(fig)
+
+
+def change_intervals(rows: list[dict[str, Any]]) -> Figure:
+    """Each metric's change base -> tuned as a point with its 95% interval, one panel per metric (scales differ).
+
+    `rows` as `helpers.evaluation.changes_table` gives them; green: tuned better, red: worse, grey: can't tell.
+    """
+    colours = {"yes": "#55A868", "no": "#C44E52"}
+    fig, axes = plt.subplots(len(rows), 1, figsize=(6, 0.75 * len(rows) + 0.6), squeeze=False)
+    for ax, row in zip(axes[:, 0], rows, strict=True):
+        change, low, high = row["change"], row["low"], row["high"]
+        ax.errorbar([change], [0], xerr=[[change - low], [high - change]], fmt="o", capsize=4,
+                    color=colours.get(row["tuned better"], "#8C8C8C"))  # fmt: skip
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_yticks([0], [f"{row['metric']}: {row['tuned better']}"])
+        ax.margins(x=0.3)
+    fig.suptitle("Change base -> tuned, paired bootstrap 95% intervals (0 = no change)")
+    return _finish(fig)

@@ -23,7 +23,6 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import openai
-import torch
 import trafilatura
 from datasets import Dataset
 from pyrate_limiter import Limiter, Rate
@@ -427,29 +426,27 @@ class LocalGenerator:
     def __init__(self, model, tokenizer, max_new_tokens: int = 160):
         self.model, self.tokenizer, self.max_new_tokens = model, tokenizer, max_new_tokens
 
-    def _sample(self, content: str, temperature: float, max_new_tokens: int) -> str:
-        ids = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        ).to(self.model.device)
-        with torch.inference_mode():
-            out = self.model.generate(
-                **ids, do_sample=True, temperature=temperature, top_p=0.95, max_new_tokens=max_new_tokens
-            )
-        return self.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    def _sample(self, contents: list[str], temperature: float, max_new_tokens: int) -> list[str]:
+        """One sampled reply per message, all in one left-padded `generate` call (about 4x the tokens/s on CPU)."""
+        from helpers.inference import Decoding, generate_batch
+
+        decoding = Decoding(do_sample=True, temperature=temperature, top_p=0.95)
+        replies = generate_batch(
+            self.model, self.tokenizer, contents, "", max_new_tokens, decoding, batch_size=len(contents)
+        )
+        return [r["answer"] for r in replies]
 
     def replies(self, chunk: Chunk, n: int, temperature: float) -> list[str]:
-        text, results = chunk.text, []
-        for _ in range(n):
-            instruction = f"{text}\n\nWrite one question that the text above answers."
-            asked = self._sample(instruction, temperature, min(48, self.max_new_tokens))
-            question = asked.splitlines()[0].strip() if asked else ""
-            answer = self._sample(
-                f"{text}\n\nUsing the text above, answer in two to four sentences: {question}",
-                temperature,
-                self.max_new_tokens,
-            )
-            results.append(json.dumps({"pairs": [{"question": question, "answer": answer}]}))
-        return results
+        # n questions about the chunk in one batch, then their n answers in another
+        instruction = f"{chunk.text}\n\nWrite one question that the text above answers."
+        asked = self._sample([instruction] * n, temperature, min(48, self.max_new_tokens))
+        questions = [a.splitlines()[0].strip() if a else "" for a in asked]
+        answers = self._sample(
+            [f"{chunk.text}\n\nUsing the text above, answer in two to four sentences: {q}" for q in questions],
+            temperature,
+            self.max_new_tokens,
+        )
+        return [json.dumps({"pairs": [{"question": q, "answer": a}]}) for q, a in zip(questions, answers, strict=True)]
 
 
 def write_rows(rows: list[dict[str, Any]], path: str | Path) -> Path:

@@ -53,6 +53,9 @@ class LoraSettings(_Section):
     target_modules: list[str] = Field(min_length=1)
 
 
+Tracker = Literal["none", "trackio", "tensorboard", "wandb"]
+
+
 class TrainSettings(_Section):
     max_steps: int = Field(ge=1)
     per_device_train_batch_size: int = Field(ge=1)
@@ -67,6 +70,9 @@ class TrainSettings(_Section):
     save_steps: int | None = Field(None, ge=1)  # None: no intermediate checkpoints
     gradient_checkpointing: bool = False
     seed: int = 42
+    neftune_noise_alpha: float | None = Field(None, gt=0)  # NEFTune: noise on the input embeddings (5-15), None: off
+    # Where the trainer logs: "trackio" (local dashboard, `trackio show`), "tensorboard", "wandb", or "none"
+    report_to: list[Tracker] = Field(default_factory=lambda: list[Tracker](["none"]))
 
 
 class PrepareSettings(_Section):
@@ -94,13 +100,24 @@ class InferSettings(_Section):
     system_prompt: str = Field(min_length=1)
     max_new_tokens: int = Field(128, ge=1)
     questions: list[str] = Field(min_length=1)
+    batch_size: int = Field(8, ge=1)  # questions answered by one generate call (left padding)
+    # Decoding defaults (helpers.inference.Decoding); notebook 06 shows what each one changes
+    repetition_penalty: float = Field(1.0, ge=1.0, le=2.0)  # 1.0: off; 1.1-1.3 discourages repeating tokens
+    no_repeat_ngram_size: int = Field(0, ge=0)  # 0: off; n > 0 forbids repeating any n tokens in a row
+    do_sample: bool = False  # False: greedy (the same answer every time)
+    temperature: float = Field(0.7, gt=0.0, le=2.0)  # with do_sample: lower is safer, higher more varied
+    top_p: float = Field(0.9, gt=0.0, le=1.0)  # with do_sample: nucleus sampling keeps this much probability
 
 
 class EvalSettings(_Section):
-    questions: int = Field(8, ge=1)  # held-out questions both models answer (greedy) in notebook 07
+    questions: int | None = Field(None, ge=1)  # held-out questions both models answer in 07 (None: every row)
     max_new_tokens: int = Field(160, ge=1)
     forgetting_questions: int = Field(8, ge=1)  # general, non-security questions from data/
-    batch_size: int = Field(4, ge=1)
+    batch_size: int = Field(4, ge=1)  # rows per forward pass for the answer loss
+    generation_batch_size: int = Field(8, ge=1)  # questions per generate call
+    bootstrap_samples: int = Field(1000, ge=100)  # paired bootstrap resamples for the 95% intervals
+    # greedy: score the model as trained (loops show); infer: with the infer section's decoding settings
+    decoding: Literal["greedy", "infer"] = "greedy"
 
 
 class ClassroomSettings(_Section):

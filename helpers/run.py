@@ -93,6 +93,9 @@ def summary(run: RunFolder, seconds: dict[str, float]) -> str:
         "07 answer loss base -> tuned": f"{_fmt(evaluation.get('loss_base'))} -> {_fmt(evaluation.get('loss_tuned'))}"
         f" ({_fmt(evaluation.get('loss_change_pct', '?'), 1)}%)",
         "07 ROUGE-L base -> tuned": f"{_fmt(evaluation.get('rougeL_base'))} -> {_fmt(evaluation.get('rougeL_tuned'))}",
+        "07 tuned better? (95% CI)": ", ".join(f"{k} {v}" for k, v in evaluation.get("tuned_better", {}).items()),
+        "07 loop rate base -> tuned": f"{_fmt(evaluation.get('loop_rate_base'))} -> "
+        f"{_fmt(evaluation.get('loop_rate_tuned'))}",
         "07 general Qs ROUGE-L": f"{_fmt(evaluation.get('forgetting_rougeL_base'))} -> "
         f"{_fmt(evaluation.get('forgetting_rougeL_tuned'))}",
         "exercises": ", ".join(f"{n} {v}" for v, n in Counter(results(run).values()).items()) or "none checked",

@@ -20,6 +20,7 @@ from helpers.backend import bf16_available, cuda_available
 from helpers.cpu_loss import AnswerHeadSFTTrainer
 from helpers.data import DataError, check_end_of_turn_trained
 from helpers.profiles import Profile
+from helpers.tracking import report_to
 
 # The SFTConfig fields a learner should look at, in the order notebook 04 shows them.
 KEY_FIELDS = (
@@ -64,6 +65,7 @@ def sft_config(profile: Profile, output_dir: str | Path) -> SFTConfig:
         packing=False,
         completion_only_loss=True,  # loss on the answer only (prompt-completion rows)
         gradient_checkpointing=train.gradient_checkpointing,
+        neftune_noise_alpha=train.neftune_noise_alpha,  # None: off
         bf16=bf16,  # trl defaults bf16 to True; on CPU it would silently change the numbers
         fp16=cuda and not bf16,
         logging_steps=train.logging_steps,
@@ -75,7 +77,7 @@ def sft_config(profile: Profile, output_dir: str | Path) -> SFTConfig:
         save_total_limit=2,
         seed=train.seed,
         data_seed=train.seed,
-        report_to="none",
+        report_to=report_to(train.report_to, output_dir),  # trackers write into the run folder (helpers/tracking.py)
         dataset_num_proc=None,
         dataloader_pin_memory=cuda,  # pinning only helps copies to a GPU
     )

@@ -1,10 +1,22 @@
 import math
+import statistics
 
 import pytest
 import torch
 
 from helpers.data import to_prompt_completion, tokenize_example
-from helpers.evaluation import answer_losses, summarise_losses, text_metrics, token_f1
+from helpers.evaluation import (
+    STATISTICS,
+    _with_sentence_stats,
+    answer_losses,
+    distinct_n,
+    loss_change_interval,
+    paired_bootstrap,
+    repeated_loop,
+    summarise_losses,
+    text_metrics,
+    token_f1,
+)
 from helpers.model import load_model
 
 
@@ -45,3 +57,54 @@ def test_answer_loss_matches_the_models_own_masked_loss(smoke, sample_rows):
         assert result["loss_sum"] / result["tokens"] == pytest.approx(expected, rel=1e-4)
     summary = summarise_losses(per_example)
     assert summary["perplexity"] == pytest.approx(math.exp(summary["loss"]))
+
+
+def test_repeated_loop_finds_runaway_repetition_and_spares_prose():
+    looping = "Check the role. " + "the current user's role, " * 25
+    assert sorted(repeated_loop(looping).split()) == sorted("the current user s role".split())  # any phase
+    assert repeated_loop("no no no no no no no no no no no no no") == "no"
+    prose = (
+        "Store passwords with a slow, salted hash such as Argon2 or bcrypt. Never store them in plain text, and "
+        "never use a fast hash like MD5. 1. Hash. 2. Salt. 3. Tune the cost so one hash takes about 100 ms."
+    )
+    assert repeated_loop(prose) is None
+    assert repeated_loop("the key, the key, the key") is None  # three repeats but under min_words: not a runaway
+
+
+def test_distinct_n_drops_with_repetition():
+    assert distinct_n(["a b c d"], 2) == 1.0
+    assert distinct_n(["a b a b a b"], 2) == pytest.approx(2 / 5)
+    assert distinct_n([""], 2) == 0.0
+
+
+def test_paired_bootstrap_interval_and_verdicts():
+    base = [0.1 * (i % 5) for i in range(40)]
+    clearly_better = [b + 0.2 for b in base]
+    result = paired_bootstrap(base, clearly_better, statistics.fmean, higher_is_better=True, samples=500)
+    assert result["change"] == pytest.approx(0.2)
+    assert result["low"] == pytest.approx(0.2) and result["high"] == pytest.approx(0.2)  # paired: the noise cancels
+    assert result["tuned_better"] == "yes"
+    assert paired_bootstrap(base, clearly_better, statistics.fmean, higher_is_better=False)["tuned_better"] == "no"
+    noisy = [b + (0.3 if i % 2 else -0.3) for i, b in enumerate(base)]  # no systematic change
+    mixed = paired_bootstrap(base, noisy, statistics.fmean, samples=500)
+    assert mixed["low"] < 0 < mixed["high"] and mixed["tuned_better"] == "can't tell"
+    assert paired_bootstrap(base, base, statistics.fmean, higher_is_better=None)["tuned_better"] == "n/a"
+    with pytest.raises(ValueError, match="equally long"):
+        paired_bootstrap([1.0], [1.0, 2.0], statistics.fmean)
+
+
+def test_bootstrap_corpus_scores_equal_sacrebleu_on_the_whole_set():
+    import sacrebleu
+
+    answers = ["the firewall drops the packet", "use a salted hash", "isolate the laptop from the network"]
+    refs = ["the firewall drops packets", "store a salted slow hash", "disconnect the laptop from the network"]
+    records = _with_sentence_stats([{"answer": a, "reference": r} for a, r in zip(answers, refs, strict=True)])
+    assert STATISTICS["bleu"][0](records) == pytest.approx(sacrebleu.corpus_bleu(answers, [refs]).score)
+    assert STATISTICS["chrf"][0](records) == pytest.approx(sacrebleu.corpus_chrf(answers, [refs]).score)
+
+
+def test_loss_change_interval_is_relative_and_lower_is_better():
+    base = [{"loss_sum": 4.0 * n, "tokens": n} for n in (10, 20, 30, 40)]
+    tuned = [{"loss_sum": 3.0 * n, "tokens": n} for n in (10, 20, 30, 40)]
+    interval = loss_change_interval(base, tuned, samples=200)
+    assert interval["change"] == pytest.approx(-0.25) and interval["tuned_better"] == "yes"

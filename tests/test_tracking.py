@@ -1,0 +1,69 @@
+"""Tracked runs: `train.report_to` reaches the trainer, and trackio logs offline into the run folder."""
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import ROOT
+from helpers.profiles import ProfileError, load_profile
+from helpers.tracking import TrackingError, report_to, tracking_dir
+
+# Trains two steps under cpu-smoke with report_to trackio in a fresh process (trackio reads TRACKIO_DIR once, at
+# import), with the Hub unreachable on purpose.
+TRAIN_TWO_STEPS = """
+import json, sys
+from helpers.data import build_splits, load_rows
+from helpers.lora import add_lora
+from helpers.model import load_model
+from helpers.profiles import load_profile
+from helpers.trainer import build_trainer
+
+profile = load_profile("cpu-smoke", {"data": {"max_rows": 12, "eval_rows": 4},
+                                     "train": {"max_steps": 2, "eval_steps": None, "report_to": ["trackio"]}})
+model, tokenizer, _ = load_model(profile)
+splits, _ = build_splits(load_rows("sample").rows, tokenizer, profile.data, profile.model.max_seq_length)
+trainer = build_trainer(add_lora(model, profile), tokenizer, splits, profile, sys.argv[1])
+print(json.dumps({"report_to": trainer.args.report_to}))
+trainer.train()
+"""
+
+
+def test_trackio_logs_offline_into_the_run_folder(tmp_path):
+    pytest.importorskip("trackio")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("TRACKIO_DIR", None)
+    result = subprocess.run(
+        [sys.executable, "-c", TRAIN_TWO_STEPS, str(checkpoints)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '"report_to": ["trackio"]' in result.stdout
+    databases = list((tmp_path / "run" / "tracking" / "trackio").glob("*.db"))
+    assert databases, f"no trackio database under {tmp_path / 'run' / 'tracking'}"
+    with sqlite3.connect(databases[0]) as db:
+        rows = db.execute("SELECT metrics FROM metrics").fetchall()
+    logged = [json.loads(r[0]) for r in rows]
+    assert any("train/loss" in m for m in logged), logged[:3]
+
+
+def test_report_to_defaults_to_none_and_rejects_unknown_trackers(tmp_path, monkeypatch):
+    assert load_profile("cpu-smoke").train.report_to == ["none"]
+    assert report_to(["none"], tmp_path / "checkpoints") == ["none"]
+    assert tracking_dir(tmp_path / "checkpoints") == tmp_path.resolve() / "tracking"
+    with pytest.raises(ProfileError, match="report_to"):
+        load_profile("cpu-smoke", {"train": {"report_to": ["mlflow-typo"]}})
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)  # stands in for a venv without wandb
+    with pytest.raises(TrackingError, match="wandb"):
+        report_to(["wandb"], tmp_path / "checkpoints")
+
+
+def test_tensorboard_dir_lands_in_the_run_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: object())  # stands in for installed tensorboard
+    assert report_to(["tensorboard"], tmp_path / "checkpoints") == ["tensorboard"]
+    assert Path(os.environ["TENSORBOARD_LOGGING_DIR"]) == tmp_path.resolve() / "tracking" / "tensorboard"
