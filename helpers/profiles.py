@@ -98,6 +98,19 @@ class EvalSettings(_Section):
     batch_size: int = Field(4, ge=1)
 
 
+class DistributedSettings(_Section):
+    """Several GPUs or nodes (notebook 09, `helpers.train` under `accelerate launch`): which launcher config, on
+    how many GPUs of how much memory; `helpers.memory` estimates the memory per GPU from these."""
+
+    launcher_config: str  # an accelerate config in configs/accelerate/, relative to the project folder
+    strategy: Literal["ddp", "zero1", "zero2", "zero3", "fsdp_grad_op", "fsdp_full"] = "ddp"
+    offload: bool = False  # optimizer state (ZeRO-3: weights too) in CPU RAM
+    gpus_per_node: int = Field(1, ge=1)
+    nodes: int = Field(1, ge=1)
+    min_gpu_memory_gib: float = Field(24.0, gt=0)
+    model_size: Literal["8B", "70B", "405B"] | None = None  # Llama 3.1 shape for the memory estimate
+
+
 class Profile(_Section):
     name: str
     description: str
@@ -108,6 +121,7 @@ class Profile(_Section):
     infer: InferSettings
     evaluate: EvalSettings = Field(default_factory=EvalSettings)
     prepare: PrepareSettings = Field(default_factory=PrepareSettings)
+    distributed: DistributedSettings | None = None  # None: one process, as notebooks 01-07 run
 
 
 def list_profiles() -> list[str]:
