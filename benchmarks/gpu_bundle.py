@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LIMIT_MIB = 64  # what one device call carries, the working tree included
 # What the workbook's GPU path imports (notebooks 01-06 under papermill), pinned as in requirements-gpu.txt.
 ROOTS = [
-    "unsloth==2026.10.9",
-    "unsloth_zoo==2026.10.9",
+    "unsloth==2026.10.7",
+    "unsloth_zoo==2026.10.7",
     "bitsandbytes==0.50.2",
     "trl==1.15.0",
     "datasets==4.8.5",

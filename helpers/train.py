@@ -57,7 +57,9 @@ def world_size() -> int:
 
 def check_stack(profile: Profile, processes: int) -> None:
     """Unsloth trains on one GPU per job; several processes need plain transformers + peft (+ bitsandbytes)."""
-    if processes > 1 and uses_unsloth(profile):
+    backend = profile.model.backend
+    wants_unsloth = backend == "unsloth" or (backend == "auto" and profile.model.requires_gpu)
+    if processes > 1 and wants_unsloth:
         raise UnsupportedSetupError(
             f"Profile {profile.name!r} uses Unsloth (model.backend: {profile.model.backend}), which trains on one "
             f"process only, and this launch started {processes}. Set model.backend: transformers in the profile "
@@ -113,8 +115,8 @@ def train(profile: Profile, run_name: str, evaluate: bool = True) -> dict[str, A
     model, tokenizer, card, splits = load_trainable(run, profile)
     trainer = build_trainer(model, tokenizer, splits, profile, run.checkpoints, callbacks=[_rank_log_callback(state)])
     batch = profile.train.per_device_train_batch_size
-    _log(state, f"{len(splits['train'])} training rows; {batch} rows per step here, "
-                f"{batch * state.num_processes * profile.train.gradient_accumulation_steps} per step in all")  # fmt: skip
+    total = batch * state.num_processes * profile.train.gradient_accumulation_steps
+    _log(state, f"{len(splits['train'])} training rows; {batch} rows per step here, {total} per step in all")
     memory_before = gpu_memory()
     before = trainer.evaluate()["eval_loss"] if evaluate else None
     # transformers takes the model an evaluation prepared for "already wrapped" and would then train without DDP:
