@@ -118,10 +118,9 @@ def train(profile: Profile, run_name: str, evaluate: bool = True) -> dict[str, A
     total = batch * state.num_processes * profile.train.gradient_accumulation_steps
     _log(state, f"{len(splits['train'])} training rows; {batch} rows per step here, {total} per step in all")
     memory_before = gpu_memory()
-    before = trainer.evaluate()["eval_loss"] if evaluate else None
-    # transformers takes the model an evaluation prepared for "already wrapped" and would then train without DDP:
-    # each process alone, the copies drifting apart (the weights checksums below show it). Hand it the bare model.
-    trainer.model_wrapped = trainer.model
+    # Several processes: no evaluation before training. transformers 5.17 then takes the evaluated model for "already
+    # wrapped" and trains without DDP, each process alone (the weights checksums show the copies drifting apart).
+    before = trainer.evaluate()["eval_loss"] if evaluate and state.num_processes == 1 else None
     started = time.perf_counter()
     resumed_from = run_training(trainer, profile)
     wall = time.perf_counter() - started
@@ -147,7 +146,7 @@ def train(profile: Profile, run_name: str, evaluate: bool = True) -> dict[str, A
     if state.is_main_process:
         curve = loss_curve(history, title=f"{card.name}, profile {profile.name}, {state.num_processes} process(es)")
         plots = {"loss_curve": curve}
-        if evaluate:
+        if before is not None and after is not None:
             plots["eval_loss"] = before_after_bars({"before": before, "after": after})
         save_training(run, trainer, tokenizer, result, plots)
         _log(state, f"saved {run.path('05_train')}")
