@@ -250,3 +250,41 @@ def accelerate_estimate(model: str | dict[str, Any]) -> dict[str, float]:
         "largest_layer_gib": largest[0] / GIB,
         "training_adam_gib": (training["model"] + training["gradients"] + training["optimizer"]) / GIB,
     }
+
+
+def memory_widget() -> Any:
+    """Sliders and menus over `estimate`: model, method, engine, GPUs, offload, batch, sequence length."""
+    import ipywidgets as widgets
+
+    controls = {
+        "model": widgets.Dropdown(options=list(LLAMA31), value="70B", description="Llama 3.1"),
+        "method": widgets.Dropdown(options=list(METHODS), value="qlora", description="method"),
+        "strategy": widgets.Dropdown(options=[(v, k) for k, v in STRATEGIES.items()], value="fsdp_full",
+                                     description="engine"),  # fmt: skip
+        "gpus": widgets.IntSlider(value=4, min=1, max=64, description="GPUs"),
+        "offload": widgets.Checkbox(value=False, description="CPU offload"),
+        "batch": widgets.IntSlider(value=1, min=1, max=16, description="batch/GPU"),
+        "seq": widgets.IntSlider(value=2048, min=256, max=16384, step=256, description="seq length"),
+    }
+    out = widgets.HTML()
+
+    def update(_change: Any = None) -> None:
+        e = estimate(**{name: c.value for name, c in controls.items()})
+        parts = ("weights_gib", "trainable_gib", "gradients_gib", "optimizer_gib", "activations_gib")
+        cells = "".join(f"<tr><td>{p.removesuffix('_gib')}</td><td>{getattr(e, p):.2f} GiB</td></tr>" for p in parts)
+        out.value = (f"<table>{cells}<tr><td><b>per GPU</b></td><td><b>{e.total_gib:.2f} GiB</b></td></tr>"
+                     f"<tr><td>CPU RAM (offload)</td><td>{e.cpu_ram_gib:.2f} GiB</td></tr></table>")  # fmt: skip
+
+    for control in controls.values():
+        control.observe(update, names="value")
+    update()
+    return widgets.VBox([*controls.values(), out])
+
+
+def table_frame(rows: list[dict[str, Any]]) -> Any:
+    """The memory table as a DataFrame: GiB per GPU, one row per model and method, one column per engine."""
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    frame["engine"] = frame["strategy"].map(STRATEGIES) + frame["offload"].map({True: " + offload", False: ""})
+    return frame.pivot_table(index=["model", "method"], columns="engine", values="total_gib", sort=False)

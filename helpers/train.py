@@ -118,9 +118,11 @@ def train(profile: Profile, run_name: str, evaluate: bool = True) -> dict[str, A
     total = batch * state.num_processes * profile.train.gradient_accumulation_steps
     _log(state, f"{len(splits['train'])} training rows; {batch} rows per step here, {total} per step in all")
     memory_before = gpu_memory()
-    # Several processes: no evaluation before training. transformers 5.17 then takes the evaluated model for "already
-    # wrapped" and trains without DDP, each process alone (the weights checksums show the copies drifting apart).
-    before = trainer.evaluate()["eval_loss"] if evaluate and state.num_processes == 1 else None
+    before = trainer.evaluate()["eval_loss"] if evaluate else None
+    # An evaluation marks the bare model "prepared" (accelerate 1.15), and training then skips wrapping it in DDP:
+    # each process would train alone, the copies drifting apart (the weights checksums show it). Clear the mark.
+    trainer.model.__dict__.pop("_is_accelerate_prepared", None)
+    trainer.model_wrapped = trainer.model
     started = time.perf_counter()
     resumed_from = run_training(trainer, profile)
     wall = time.perf_counter() - started
@@ -146,7 +148,7 @@ def train(profile: Profile, run_name: str, evaluate: bool = True) -> dict[str, A
     if state.is_main_process:
         curve = loss_curve(history, title=f"{card.name}, profile {profile.name}, {state.num_processes} process(es)")
         plots = {"loss_curve": curve}
-        if before is not None and after is not None:
+        if evaluate:
             plots["eval_loss"] = before_after_bars({"before": before, "after": after})
         save_training(run, trainer, tokenizer, result, plots)
         _log(state, f"saved {run.path('05_train')}")
@@ -179,3 +181,72 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# Launching from a notebook (lesson 09): a run folder per launch, the launcher's output kept, the figures read back.
+
+CPU_CONFIG = "configs/accelerate/cpu-2proc.yaml"
+
+
+def fork_run(run: RunFolder, name: str, steps: tuple[str, ...] = ("02_peft", "03_dataset")) -> RunFolder:
+    """A sibling run folder `name` holding copies of `run`'s steps (through begin/commit), so a launch can train
+    and write its own 05_train without touching the lesson's run."""
+    import shutil
+
+    child = RunFolder(run.root.parent / name, run.profile_name, run.seed)
+    for step in steps:
+        manifest = run.require(step)
+        out = child.begin(step)
+        shutil.copytree(run.path(step), out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("manifest.json"))
+        child.commit(step, {k: v for k, v in manifest.items() if k not in {"step", "notebook", "profile", "seed"}})
+    return child
+
+
+def free_port() -> int:
+    """A free TCP port for the processes to meet on (several launches on one machine must not share 29500)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(profile: str, run_name: str, processes: int, *extra: str) -> list[str]:
+    """`python -m helpers.train ...` for one process, `accelerate launch --config_file cpu-2proc.yaml ...` for more."""
+    from helpers import ROOT
+
+    args = ["-m", "helpers.train", "--profile", profile, "--run-name", run_name, *extra]
+    if processes == 1:
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / CPU_CONFIG),
+            "--num_processes", str(processes), "--main_process_port", str(free_port()),
+            "--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // processes)), *args]  # fmt: skip
+
+
+def launch(profile: str, run: RunFolder, processes: int, *extra: str) -> tuple[dict[str, Any], str]:
+    """Run a launch to the end in a child process (its output streamed to a log under the runs folder, since the
+    notebook's kernel is one process and the launch is several); return the main process's figures and the log."""
+    import subprocess
+
+    from helpers import ROOT
+
+    command = launch_command(profile, run.root.name, processes, *extra)
+    env = {**os.environ, "LLM_SCHOOL_RUNS": str(run.root.parent), "PYTHONPATH": str(ROOT)}
+    env["PYTHONPATH"] += os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""
+    print("$", " ".join(command[1:] if processes > 1 else command), flush=True)
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
+    log = done.stdout + done.stderr
+    if done.returncode != 0:
+        raise RuntimeError(f"The {processes}-process launch failed (exit {done.returncode}):\n{log[-4000:]}")
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    return json.loads(lines[-1][len(RESULT_PREFIX) :]), log
+
+
+def rank_lines(log: str) -> dict[int, list[str]]:
+    """A launch's output split by process: the `[rank i/n]` lines of each."""
+    import re
+
+    lines: dict[int, list[str]] = {}
+    for match in re.finditer(r"\[rank (\d+)/\d+\] ([^\n\r]*)", log):
+        lines.setdefault(int(match.group(1)), []).append(match.group(2))
+    return lines

@@ -41,13 +41,15 @@ def _env(runs: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "LLM_SCHOOL_RUNS": str(runs), "OMP_NUM_THREADS": "1"}
 
 
-def _command(name: str, processes: int, *extra: str, script: list[str] | None = None) -> list[str]:
+def _command(
+    name: str, processes: int, *extra: str, script: list[str] | None = None, evaluate: bool = False
+) -> list[str]:
     args = [
         "--profile",
         "cpu-smoke",
         "--run-name",
         name,
-        "--no-eval",
+        *([] if evaluate else ["--no-eval"]),
         "--set",
         f"train.max_steps={STEPS}",
         "--set",
@@ -125,7 +127,8 @@ def test_only_rank_zero_writes_the_run_folder(one_and_two, runs):
 def test_a_killed_two_process_run_resumes_from_its_last_checkpoint(one_and_two, runs):
     _, two, _, _ = one_and_two
     checkpoints = runs / "killed" / "checkpoints"
-    command = _command("killed", 2, "--set", "train.save_steps=1")
+    # with the evaluations before and after, which once left DDP out of the loop (see helpers/train.py)
+    command = _command("killed", 2, "--set", "train.save_steps=1", evaluate=True)
     process = subprocess.Popen(command, env=_env(runs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)  # fmt: skip
     deadline = time.time() + 600
@@ -141,6 +144,8 @@ def test_a_killed_two_process_run_resumes_from_its_last_checkpoint(one_and_two, 
     assert resumed["resumed_from"] and re.search(r"checkpoint-\d+$", resumed["resumed_from"])
     assert resumed["steps"] == STEPS
     assert resumed["train_losses"][-1][1] == pytest.approx(two["train_losses"][-1][1], rel=LOSS_TOLERANCE)
+    sums = re.findall(rf"\[rank \d/2\] step {STEPS} loss \S+ weights-checksum (\S+)", again.stdout)
+    assert len(sums) == 2 and len(set(sums)) == 1, f"the processes' weights differ after resuming: {sums}"
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
