@@ -259,8 +259,9 @@ def memory_widget() -> Any:
     controls = {
         "model": widgets.Dropdown(options=list(LLAMA31), value="70B", description="Llama 3.1"),
         "method": widgets.Dropdown(options=list(METHODS), value="qlora", description="method"),
-        "strategy": widgets.Dropdown(options=[(v, k) for k, v in STRATEGIES.items()], value="fsdp_full",
-                                     description="engine"),  # fmt: skip
+        "strategy": widgets.Dropdown(
+            options=[(v, k) for k, v in STRATEGIES.items()], value="fsdp_full", description="engine"
+        ),  # fmt: skip
         "gpus": widgets.IntSlider(value=4, min=1, max=64, description="GPUs"),
         "offload": widgets.Checkbox(value=False, description="CPU offload"),
         "batch": widgets.IntSlider(value=1, min=1, max=16, description="batch/GPU"),
