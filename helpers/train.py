@@ -233,7 +233,8 @@ def launch(profile: str, run: RunFolder, processes: int, *extra: str) -> tuple[d
     command = launch_command(profile, run.root.name, processes, *extra)
     env = {**os.environ, "LLM_SCHOOL_RUNS": str(run.root.parent), "PYTHONPATH": str(ROOT)}
     env["PYTHONPATH"] += os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""
-    print("$", " ".join(command[1:] if processes > 1 else command), flush=True)
+    shown = ["accelerate", "launch", *command[3:]] if processes > 1 else ["python", *command[1:]]
+    print("$", " ".join(shown), flush=True)
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
     log = done.stdout + done.stderr
     if done.returncode != 0:
