@@ -1,8 +1,9 @@
 """helpers.train with a record of every file each process opens for writing or renames (Python's audit hooks):
 tests/test_scale_out.py reads the records to check that only rank 0 writes the run folder.
 
-Records go to $AUDIT_WRITES_DIR/rank-<RANK>.txt. Files written by native code (safetensors) do not pass through
-Python's open and are not recorded; the step folder's JSON, plots and the Trainer's checkpoints do.
+Records go to $AUDIT_WRITES_DIR/rank-<RANK>.txt, one `event<TAB>path` a line. Files written by native code
+(safetensors) do not pass through Python's open and are not recorded; the step folder's JSON, plots and the
+Trainer's checkpoints do.
 """
 
 import os
@@ -20,7 +21,7 @@ def _hook(event, args):
     elif event in ("os.rename", "os.replace", "os.mkdir", "os.remove", "shutil.rmtree"):
         path = args[0] if event != "os.rename" and event != "os.replace" else args[1]
     if path is not None and not isinstance(path, int):
-        _out.write(os.path.abspath(os.fsdecode(path)) + "\n")
+        _out.write(f"{event}\t{os.path.abspath(os.fsdecode(path))}\n")
         _out.flush()
 
 

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -114,12 +115,19 @@ def test_two_processes_reach_the_losses_of_one_at_the_same_global_batch(one_and_
 def test_only_rank_zero_writes_the_run_folder(one_and_two, runs):
     *_, audit = one_and_two
     run = (runs / "two").resolve()
-    writes = {int(p.stem.split("-")[1]): p.read_text().split("\n") for p in audit.glob("rank-*.txt")}
-    assert set(writes) == {0, 1}
-    inside = {rank: [w for w in paths if w.startswith(str(run))] for rank, paths in writes.items()}
-    assert any("/.05_train.partial/" in w for w in inside[0]), "rank 0 writes the step folder"
-    # the Trainer's checkpoints hold one RNG state per process: the only file another process may write
-    others = [w for w in inside[1] if not re.search(r"/checkpoints/checkpoint-\d+/rng_state_1\.pth$", w)]
+    records = {int(p.stem.split("-")[1]): p.read_text().splitlines() for p in audit.glob("rank-*.txt")}
+    assert set(records) == {0, 1}
+    inside = {rank: [line.split("\t") for line in lines if line.split("\t")[1].startswith(str(run))]
+              for rank, lines in records.items()}  # fmt: skip
+    assert any("/.05_train.partial/" in path for _, path in inside[0]), "rank 0 writes the step folder"
+    others = [
+        (event, path)
+        for event, path in inside[1]
+        # opening the run folder asks for it (mkdir, exist_ok: it is there already, made by rank 0 first), and the
+        # Trainer's checkpoints hold one RNG state per process: nothing else may come from another process
+        if not (event == "os.mkdir" and Path(path) == run)
+        and not re.search(r"/checkpoints/checkpoint-\d+/rng_state_1\.pth$", path)
+    ]
     assert others == [], f"rank 1 wrote into the run folder: {others}"
     assert json.loads((run / "05_train" / "manifest.json").read_text())["processes"] == 2
 
@@ -129,13 +137,19 @@ def test_a_killed_two_process_run_resumes_from_its_last_checkpoint(one_and_two, 
     checkpoints = runs / "killed" / "checkpoints"
     # with the evaluations before and after, which once left DDP out of the loop (see helpers/train.py)
     command = _command("killed", 2, "--set", "train.save_steps=1", evaluate=True)
-    process = subprocess.Popen(command, env=_env(runs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)  # fmt: skip
+    log = runs / "killed.log"  # a file, not a pipe: nobody reads a pipe while we wait, and a full one would block
+    with log.open("w") as out:
+        process = subprocess.Popen(command, env=_env(runs), stdout=out, stderr=subprocess.STDOUT)
     deadline = time.time() + 600
     while not list(checkpoints.glob("checkpoint-1/trainer_state.json")) and time.time() < deadline:
-        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert process.poll() is None, log.read_text()[-3000:]
         time.sleep(1)
-    os.killpg(process.pid, signal.SIGKILL)  # the launcher and both processes, as a dead kernel or a crash would
+    # the launcher and every process under it at once, as a crash or a lost machine would; torchrun starts each
+    # worker in a session of its own, so killing the launcher's process group alone would leave them training
+    tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    for member in tree:
+        member.send_signal(signal.SIGKILL)
+    psutil.wait_procs(tree, timeout=30)
     process.wait()
     assert not (runs / "killed" / "05_train").exists()
     again = subprocess.run(command, env=_env(runs), capture_output=True, text=True, timeout=900)
