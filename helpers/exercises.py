@@ -92,6 +92,12 @@ EXERCISES = {
             lambda loss: _perplexity(loss),
             tolerance=1e-3,
         ),
+        Exercise(
+            "09.1", "★", "How many GiB per GPU does Llama 3.1 70B need with QLoRA under ZeRO-3 on 4 GPUs?",
+            "estimate('70B', 'qlora', 'zero3', 4) from helpers.memory; its total_gib is per GPU.",
+            lambda: _memory_estimate("70B", "qlora", "zero3", 4),
+            tolerance=0.02,
+        ),
     ]
 }  # fmt: skip
 
@@ -100,6 +106,12 @@ def _perplexity(loss: float) -> float:
     from helpers.evaluation import perplexity
 
     return perplexity(loss)
+
+
+def _memory_estimate(model: str, method: str, strategy: str, gpus: int) -> float:
+    from helpers.memory import estimate
+
+    return estimate(model, method, strategy, gpus).total_gib  # type: ignore[arg-type]
 
 
 def _lora_count(model, targets: list[str]) -> int:

@@ -190,6 +190,11 @@ def load_tokenizer(profile: Profile) -> tuple[PreTrainedTokenizerBase, str]:
     return tokenizer, prepare_tokenizer(tokenizer, profile.model.chat_template)
 
 
+def _sharding_engine() -> bool:
+    """True under `accelerate launch` with FSDP or DeepSpeed, which place (and shard) the weights themselves."""
+    return any(os.environ.get(f"ACCELERATE_USE_{name}", "").lower() == "true" for name in ("FSDP", "DEEPSPEED"))
+
+
 def load_model(profile: Profile) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelCard]:
     """Load the profile's model and tokenizer (Unsloth on GPU when asked, else transformers)."""
     settings = profile.model
@@ -210,12 +215,17 @@ def load_model(profile: Profile) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
     else:
         tokenizer, template = load_tokenizer(profile)
         kwargs: dict = {"dtype": dtype or "auto"}
+        sharded = _sharding_engine()
         if settings.load_in_4bit:
             from transformers import BitsAndBytesConfig
 
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
-        if cuda_available():
-            kwargs["device_map"] = "auto"
+            # FSDP and ZeRO-3 shard tensors of one dtype: the 4-bit weights are then stored in bf16 words
+            storage = {"bnb_4bit_quant_storage": dtype or torch.bfloat16} if sharded else {}
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", **storage)
+        if cuda_available() and not sharded:
+            # one process: spread over the GPUs; several (DDP): each process its own GPU; FSDP/ZeRO place the shards
+            processes = int(os.environ.get("WORLD_SIZE", "1"))
+            kwargs["device_map"] = "auto" if processes == 1 else {"": int(os.environ.get("LOCAL_RANK", "0"))}
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         backend = "transformers"
     parameters = next(model.parameters())

@@ -126,6 +126,19 @@ class ClassroomSettings(_Section):
     notebook_timeout_s: int = Field(1800, ge=1)  # a learner's notebook running longer is stopped and reported
 
 
+class DistributedSettings(_Section):
+    """Several GPUs or nodes (notebook 09, `helpers.train` under `accelerate launch`): which launcher config, on
+    how many GPUs of how much memory; `helpers.memory` estimates the memory per GPU from these."""
+
+    launcher_config: str  # an accelerate config in configs/accelerate/, relative to the project folder
+    strategy: Literal["ddp", "zero1", "zero2", "zero3", "fsdp_grad_op", "fsdp_full"] = "ddp"
+    offload: bool = False  # optimizer state (ZeRO-3: weights too) in CPU RAM
+    gpus_per_node: int = Field(1, ge=1)
+    nodes: int = Field(1, ge=1)
+    min_gpu_memory_gib: float = Field(24.0, gt=0)
+    model_size: Literal["8B", "70B", "405B"] | None = None  # Llama 3.1 shape for the memory estimate
+
+
 class Profile(_Section):
     name: str
     description: str
@@ -137,6 +150,7 @@ class Profile(_Section):
     evaluate: EvalSettings = Field(default_factory=EvalSettings)
     prepare: PrepareSettings = Field(default_factory=PrepareSettings)
     classroom: ClassroomSettings = Field(default_factory=ClassroomSettings)
+    distributed: DistributedSettings | None = None  # None: one process, as notebooks 01-07 run
 
 
 BASE = "base"  # profiles/base.yaml: shared values, not a profile by itself

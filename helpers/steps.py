@@ -41,7 +41,11 @@ INFER = Step("06_infer", "06_infer")
 EVAL = Step("07_eval", "07_evaluate")
 APPENDIX_A1 = Step("A1_trainer_vs_sft", "A1_trainer_vs_sfttrainer", in_chain=False)
 
-STEPS: dict[str, Step] = {s.name: s for s in (PREPARED, MODEL, PEFT, DATASET, TRAINER, TRAIN, INFER, EVAL, APPENDIX_A1)}
+SCALE = Step("09_scale", "09_scale_out")
+
+STEPS: dict[str, Step] = {
+    s.name: s for s in (PREPARED, MODEL, PEFT, DATASET, TRAINER, TRAIN, INFER, EVAL, APPENDIX_A1, SCALE)
+}
 
 # The files steps hand on (each name is spelled here only).
 PAIRS = "pairs.jsonl"
@@ -237,3 +241,20 @@ def load_report(run: RunFolder) -> dict[str, Any]:
 def save_appendix(run: RunFolder, results: dict[str, Any]) -> Path:
     run.begin(APPENDIX_A1.name)
     return run.commit(APPENDIX_A1.name, results)
+
+
+# 09: memory per GPU and the 1- vs 2-process run
+
+
+def save_scale(run: RunFolder, memory_rows: list[dict[str, Any]], runs: dict[str, dict[str, Any]],
+               logs: dict[str, str], figures: dict[str, Figure]) -> Path:  # fmt: skip
+    """The memory table, each launch's figures (losses, tokens/s) and its launcher output, and the plots."""
+    out = run.begin(SCALE.name)
+    _json(out / "memory_table.json", memory_rows)
+    _json(out / "runs.json", runs)
+    for name, text in logs.items():
+        (out / f"{name}.log").write_text(text, encoding="utf-8")
+    _figures(out, figures)
+    summary = {name: {k: r.get(k) for k in ("processes", "train_losses", "tokens_per_second", "wall_seconds")}
+               for name, r in runs.items()}  # fmt: skip
+    return run.commit(SCALE.name, {"runs": summary, "memory_rows": len(memory_rows)})

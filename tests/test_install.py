@@ -51,3 +51,10 @@ def test_the_gpu_set_differs_from_the_cpu_set_only_where_it_must():
         [s for s in extras["gpu"] if s.startswith("trl")],
     )
     assert cpu_trl == ["trl==1.16.0"] and gpu_trl == ["trl==1.15.0"], "unsloth caps trl at 1.15.0; CPU needs 1.16.0"
+
+
+def test_the_gpu_device_bundle_follows_the_gpu_pins():
+    from tools import gpu_bundle
+
+    declared = {*PYPROJECT["project"]["dependencies"], *PYPROJECT["project"]["optional-dependencies"]["gpu"]}
+    assert set(gpu_bundle.ROOTS) <= declared

@@ -29,19 +29,23 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT_MIB = 64  # what one device call carries, the working tree included
-# What the workbook's GPU path imports (notebooks 01-06 under papermill), pinned as in requirements-gpu.txt.
-ROOTS = [
-    "unsloth==2026.10.9",
-    "unsloth_zoo==2026.10.9",
-    "bitsandbytes==0.50.2",
-    "trl==1.15.0",
-    "datasets==4.8.5",
-    "papermill==2.7.0",
-    "ipykernel",
-    "ipywidgets==8.1.9",
-    "pydantic",
-    "python-dotenv==1.2.4",
-]
+
+
+def _pins() -> dict[str, str]:
+    """pyproject.toml's pins (shared and gpu extra), by package name: the bundle follows the one declaration."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    specs = [*project["dependencies"], *project["optional-dependencies"]["gpu"]]
+    return {canonicalize_name(s.split("==")[0]): s for s in specs}
+
+
+# What the workbook's GPU path imports (notebooks 01-07 under papermill), pinned as in pyproject.toml's gpu set
+# (deepspeed is left out: it is only for the multi-GPU launchers and builds its ops on the machine).
+ROOTS = [_pins()[canonicalize_name(name)] for name in (
+    "unsloth", "unsloth_zoo", "bitsandbytes", "trl", "datasets", "papermill", "ipykernel", "ipywidgets", "pydantic",
+    "python-dotenv",
+)]  # fmt: skip
 # On the GPU machines' image ('cuda'), as listed by the device tool on 2026-11-17: not bundled.
 ON_DEVICE = """absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs certifi
 charset-normalizer click cloudpickle colorama contourpy cycler filelock fonttools frozenlist fsspec h11 hf-xet

@@ -1,0 +1,218 @@
+"""Scale out (notebook 09, helpers.train): a real 2-process run on this CPU (gloo) against a 1-process run, rank 0
+alone writing, a killed 2-process run resuming, the launcher configs and the big profiles, the memory calculator."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from helpers import ROOT
+from helpers.memory import LLAMA31, accelerate_estimate, estimate, parameter_counts
+from helpers.profiles import list_profiles, load_profile
+from helpers.train import RESULT_PREFIX, UnsupportedSetupError, check_stack, parse_overrides
+
+sys.path.insert(0, str(Path(__file__).parent))
+from scale_out_setup import prepare_run  # noqa: E402
+
+CONFIGS = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
+STEPS = 3
+# Same rows per step (4 = 1 x 4 = 2 processes x 2), same seed, fp32: the two runs differ only in summation order
+# (padding to each half's longest row, gloo's all-reduce of the gradients), which moves fp32 losses by ~1e-6.
+LOSS_TOLERANCE = 1e-4  # relative
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(runs: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "LLM_SCHOOL_RUNS": str(runs), "OMP_NUM_THREADS": "1"}
+
+
+def _command(
+    name: str, processes: int, *extra: str, script: list[str] | None = None, evaluate: bool = False
+) -> list[str]:
+    args = [
+        "--profile",
+        "cpu-smoke",
+        "--run-name",
+        name,
+        *([] if evaluate else ["--no-eval"]),
+        "--set",
+        f"train.max_steps={STEPS}",
+        "--set",
+        "train.eval_steps=null",
+        "--set",
+        f"train.per_device_train_batch_size={4 // processes}",
+        *extra,
+    ]
+    target = script or ["-m", "helpers.train"]
+    if processes == 1:
+        return [sys.executable, *target, *args]
+    config = str(ROOT / "configs" / "accelerate" / "cpu-2proc.yaml")
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
+            "--main_process_port", str(_port()), "--num_cpu_threads_per_process", "1", *target, *args]  # fmt: skip
+
+
+def _result(output: str) -> dict:
+    lines = [line for line in output.splitlines() if line.startswith(RESULT_PREFIX)]
+    assert lines, f"no result line in the output:\n{output[-3000:]}"
+    return json.loads(lines[-1][len(RESULT_PREFIX) :])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One prepared run folder (02 + 03) copied for each launch."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("scale-runs")
+    prepare_run(root, "base")
+    for name in ("one", "two", "killed"):
+        shutil.copytree(root / "base", root / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def one_and_two(runs):
+    """The 1-process run and the 2-process run (each process's writes recorded by tests/audited_train.py)."""
+    one = subprocess.run(_command("one", 1), env=_env(runs), capture_output=True, text=True, timeout=900)
+    assert one.returncode == 0, one.stderr[-3000:]
+    audit = runs / "audit"
+    audit.mkdir()
+    env = {**_env(runs), "AUDIT_WRITES_DIR": str(audit)}
+    two = subprocess.run(_command("two", 2, script=[str(ROOT / "tests" / "audited_train.py")]), env=env,
+                         capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:] + two.stdout[-3000:]
+    return _result(one.stdout), _result(two.stdout), two.stdout + two.stderr, audit
+
+
+def test_two_processes_reach_the_losses_of_one_at_the_same_global_batch(one_and_two):
+    one, two, output, _ = one_and_two
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert two["backend"] == "gloo"
+    for (s1, l1), (s2, l2) in zip(one["train_losses"], two["train_losses"], strict=True):
+        assert s1 == s2 and l2 == pytest.approx(l1, rel=LOSS_TOLERANCE), (one["train_losses"], two["train_losses"])
+    assert two["train_tokens"] == one["train_tokens"], "both runs train on the same rows, so the same tokens"
+    # DDP kept the two copies of the weights equal after every step
+    for step in range(1, STEPS + 1):
+        sums = set(re.findall(rf"\[rank \d/2\] step {step} loss \S+ weights-checksum (\S+)", output))
+        assert len(sums) == 1, f"step {step}: the processes' weights differ: {sums}"
+
+
+def test_only_rank_zero_writes_the_run_folder(one_and_two, runs):
+    *_, audit = one_and_two
+    run = (runs / "two").resolve()
+    records = {int(p.stem.split("-")[1]): p.read_text().splitlines() for p in audit.glob("rank-*.txt")}
+    assert set(records) == {0, 1}
+    inside = {rank: [line.split("\t") for line in lines if line.split("\t")[1].startswith(str(run))]
+              for rank, lines in records.items()}  # fmt: skip
+    assert any("/.05_train.partial/" in path for _, path in inside[0]), "rank 0 writes the step folder"
+    others = [
+        (event, path)
+        for event, path in inside[1]
+        # opening the run folder asks for it (mkdir, exist_ok: it is there already, made by rank 0 first), and the
+        # Trainer's checkpoints hold one RNG state per process: nothing else may come from another process
+        if not (event == "os.mkdir" and Path(path) == run)
+        and not re.search(r"/checkpoints/checkpoint-\d+/rng_state_1\.pth$", path)
+    ]
+    assert others == [], f"rank 1 wrote into the run folder: {others}"
+    assert json.loads((run / "05_train" / "manifest.json").read_text())["processes"] == 2
+
+
+def test_a_killed_two_process_run_resumes_from_its_last_checkpoint(one_and_two, runs):
+    _, two, _, _ = one_and_two
+    checkpoints = runs / "killed" / "checkpoints"
+    # with the evaluations before and after, which once left DDP out of the loop (see helpers/train.py)
+    command = _command("killed", 2, "--set", "train.save_steps=1", evaluate=True)
+    log = runs / "killed.log"  # a file, not a pipe: nobody reads a pipe while we wait, and a full one would block
+    with log.open("w") as out:
+        process = subprocess.Popen(command, env=_env(runs), stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.time() + 600
+    while not list(checkpoints.glob("checkpoint-1/trainer_state.json")) and time.time() < deadline:
+        assert process.poll() is None, log.read_text()[-3000:]
+        time.sleep(1)
+    # the launcher and every process under it at once, as a crash or a lost machine would; torchrun starts each
+    # worker in a session of its own, so killing the launcher's process group alone would leave them training
+    tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    for member in tree:
+        member.send_signal(signal.SIGKILL)
+    psutil.wait_procs(tree, timeout=30)
+    process.wait()
+    assert not (runs / "killed" / "05_train").exists()
+    again = subprocess.run(command, env=_env(runs), capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = _result(again.stdout)
+    assert resumed["resumed_from"] and re.search(r"checkpoint-\d+$", resumed["resumed_from"])
+    assert resumed["steps"] == STEPS
+    assert resumed["train_losses"][-1][1] == pytest.approx(two["train_losses"][-1][1], rel=LOSS_TOLERANCE)
+    sums = re.findall(rf"\[rank \d/2\] step {STEPS} loss \S+ weights-checksum (\S+)", again.stdout)
+    assert len(sums) == 2 and len(set(sums)) == 1, f"the processes' weights differ after resuming: {sums}"
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_each_launcher_config_parses_and_names_an_existing_profile(config):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    parsed = load_config_from_file(str(config))
+    assert parsed.num_processes >= 2 and parsed.num_machines >= 1
+    named = re.search(r"^# profile: (\S+)", config.read_text(), re.MULTILINE)
+    assert named, f"{config.name} does not name its profile in a '# profile: <name>' line"
+    assert named.group(1) in list_profiles()
+    if parsed.num_machines > 1:
+        assert "machine_rank" in yaml.safe_load(config.read_text())
+
+
+@pytest.mark.parametrize("name", ["multi-gpu-70b", "multi-node-405b"])
+def test_big_profiles_validate_and_fit_their_gpus(name):
+    profile = load_profile(name)
+    d = profile.distributed
+    assert d is not None and (ROOT / d.launcher_config).is_file()
+    assert profile.model.backend == "transformers", "Unsloth trains on one process: several need transformers"
+    with pytest.raises(UnsupportedSetupError, match="Unsloth"):
+        check_stack(profile.model_copy(update={"model": profile.model.model_copy(update={"backend": "unsloth"})}), 2)
+    method = "qlora" if profile.model.load_in_4bit else "lora"
+    e = estimate(d.model_size, method, d.strategy, d.gpus_per_node * d.nodes, d.offload, r=profile.lora.r,
+                 batch=profile.train.per_device_train_batch_size, seq=profile.model.max_seq_length)  # fmt: skip
+    print(f"{name}: {e.total_gib} GiB per GPU on {e.gpus} GPUs ({d.strategy})")
+    assert e.total_gib < 0.9 * d.min_gpu_memory_gib
+
+
+def test_memory_calculator_agrees_with_accelerates_own_estimate():
+    for size in LLAMA31:
+        theirs = accelerate_estimate(size)
+        assert parameter_counts(size)["total"] == pytest.approx(theirs["parameters"], rel=1e-6)
+        ours = estimate(size, "full", "ddp", 1)
+        without_activations = ours.total_gib - ours.activations_gib
+        assert without_activations == pytest.approx(theirs["training_adam_gib"], rel=0.01)  # both 16 bytes/param
+    assert parameter_counts("8B")["total"] == pytest.approx(8.03e9, rel=1e-3)
+    assert parameter_counts("70B")["total"] == pytest.approx(70.6e9, rel=1e-3)
+    assert parameter_counts("405B")["total"] == pytest.approx(405.9e9, rel=1e-3)
+
+
+def test_sharding_divides_what_each_stage_says():
+    ddp, z1, z2, z3 = (estimate("70B", "full", s, 8) for s in ("ddp", "zero1", "zero2", "zero3"))
+    assert z1.optimizer_gib == pytest.approx(ddp.optimizer_gib / 8, abs=0.01) and z1.gradients_gib == ddp.gradients_gib
+    assert z2.gradients_gib == pytest.approx(ddp.gradients_gib / 8, abs=0.01) and z2.weights_gib == ddp.weights_gib
+    assert z3.weights_gib < ddp.weights_gib / 4
+    offload = estimate("70B", "full", "zero3", 8, offload=True)
+    assert offload.optimizer_gib == 0 and offload.cpu_ram_gib > 0
+    assert estimate("8B", "qlora", "ddp", 1).total_gib < 24 < estimate("8B", "full", "ddp", 1).total_gib
+
+
+def test_overrides_parse_as_yaml_values():
+    assert parse_overrides(["train.max_steps=8", "train.eval_steps=null"]) == {
+        "train": {"max_steps": 8, "eval_steps": None}
+    }
