@@ -63,8 +63,14 @@ def _existing_privacy(api: Any, repo_id: str, repo_type: str) -> bool | None:
         return None
 
 
-def push_folder(folder: Path, repo_id: str, settings: PublishSettings, repo_type: str = "model",
-                allow_patterns: list[str] | None = None, message: str = "Upload from LLM Goes to School") -> Published:  # fmt: skip
+def push_folder(
+    folder: Path,
+    repo_id: str,
+    settings: PublishSettings,
+    repo_type: str = "model",
+    allow_patterns: list[str] | None = None,
+    message: str = "Upload from LLM Goes to School",
+) -> Published:
     """Create the repo private (or reuse a private one), upload `folder`, read the repo back and check it is private."""
     token = _token()
     api = _api(token)

@@ -202,8 +202,8 @@ def test_model_card_names_base_data_limits() -> None:
     profile = load_profile("cpu-smoke", {"publish": {"repo_id": "me/tuned"}})
     manifests = {"05_train": {"steps": 4, "eval_loss_before": 4.2, "eval_loss_after": 4.0},
                  "07_eval": {"answer_loss_base": 4.1, "answer_loss_tuned": 3.9}}  # fmt: skip
-    card = model_card(profile, "HuggingFaceTB/SmolLM2-135M-Instruct", manifests,
-                      {"round_trip": [{"type": "q8_0", "identical": 2, "questions": 2, "token_agreement": 1.0}]})  # fmt: skip
+    export = {"round_trip": [{"type": "q8_0", "identical": 2, "questions": 2, "token_agreement": 1.0}]}
+    card = model_card(profile, "HuggingFaceTB/SmolLM2-135M-Instruct", manifests, export)
     assert card.startswith("---\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct")
     for text in ("cpu-smoke", "Apache-2.0", "4.2 -> 4", "answer_loss_tuned: 3.9", "2/2 greedy", "Intended use"):
         assert text in card
