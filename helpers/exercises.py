@@ -90,6 +90,12 @@ EXERCISES = {
             lambda loss: math.exp(loss),
             tolerance=1e-3,
         ),
+        Exercise(
+            "08.1", "★★", "How many bytes does the q8_0 GGUF file spend per model weight (file size / parameters)?",
+            "q8_0 stores blocks of 32 weights as 32 int8 values plus one 16-bit scale; the vocabulary adds a little.",
+            lambda gguf_bytes, parameters: gguf_bytes / parameters,
+            tolerance=1e-3,
+        ),
     ]
 }  # fmt: skip
 

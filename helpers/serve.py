@@ -174,6 +174,30 @@ class LlamaServer:
                 "tokens_per_second": reply["timings"]["predicted_per_second"]}  # fmt: skip
 
 
+def chat_body(question: str, system: str, max_tokens: int, **extra: Any) -> dict[str, Any]:
+    """An OpenAI chat-completions request body, greedy (temperature 0)."""
+    messages = [{"role": "system", "content": system}] if system else []
+    return {"messages": [*messages, {"role": "user", "content": question}], "max_tokens": max_tokens,
+            "temperature": 0.0, **extra}  # fmt: skip
+
+
+def served_speed(server: LlamaServer, questions: list[str], system: str, max_tokens: int,
+                 concurrency: int = 1) -> dict[str, Any]:  # fmt: skip
+    """Generated tokens per second over `concurrency` simultaneous chat requests (each forced to `max_tokens`
+    with ignore_eos, so every run generates the same amount), wall clock from the first request to the last reply."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = [chat_body(questions[i % len(questions)], system, max_tokens, ignore_eos=True)
+              for i in range(concurrency)]  # fmt: skip
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        replies = list(pool.map(lambda b: server.post("/v1/chat/completions", b), bodies))
+    seconds = time.perf_counter() - start
+    tokens = sum(r["usage"]["completion_tokens"] for r in replies)
+    return {"concurrency": concurrency, "tokens": tokens, "seconds": round(seconds, 2),
+            "tokens_per_second": round(tokens / seconds, 1)}  # fmt: skip
+
+
 def _watch_parent(parent: int) -> None:
     """Exit when the process that started us is gone (a kernel killed hard cannot run its cleanup)."""
     import threading
