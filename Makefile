@@ -37,6 +37,7 @@ scan-secrets: setup  # pragma: allowlist secret
 bench: setup
 	$(BIN)/python benchmarks/model_load.py
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/serve_throughput.py
 
 # Solution copies of the notebooks (exercise answers filled in) for instructors: solutions/notebooks/
 solutions: setup

@@ -114,6 +114,8 @@ def test_compare_greedy_reports_first_divergence_with_scores(exported: dict) -> 
     assert row["divergence"]["position"] == 1 and row["divergence"]["merged_top2_gap"] == pytest.approx(0.01)
     trip = ex.RoundTrip("f16", [row], True)
     assert trip.verdict(0.05).startswith("1 near tie") and trip.verdict(0.001).startswith("fail")
+    assert "reported, not required" in ex.RoundTrip("q8_0", [row], True).verdict(0.001)  # q8_0 is lossy on purpose
+    assert ex.RoundTrip("q8_0", [row], False).verdict(0.05).startswith("fail")  # a wrong tokenizer always fails
 
 
 def test_modelfile_template_renders_like_the_chat_template(exported: dict) -> None:
