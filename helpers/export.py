@@ -105,8 +105,15 @@ def merge_profile(profile: Profile) -> Profile:
     from helpers.backend import bf16_available, cuda_available
 
     dtype = "float32" if not cuda_available() else ("bfloat16" if bf16_available() else "float16")
-    model = profile.model.model_copy(update={"load_in_4bit": False, "backend": "transformers", "dtype": dtype})
-    return profile.model_copy(update={"model": model})
+    name = unquantized_name(profile.model.name)
+    update = {"name": name, "load_in_4bit": False, "backend": "transformers", "dtype": dtype}
+    return profile.model_copy(update={"model": profile.model.model_copy(update=update)})
+
+
+def unquantized_name(name: str) -> str:
+    """Unsloth publishes 4-bit copies as `<base>-bnb-4bit` (the seed's `unsloth/Meta-Llama-3.1-8B-bnb-4bit`); their
+    weights are already 4-bit, so the merge loads the 16-bit `<base>` (same shapes, so the adapter fits)."""
+    return name.removesuffix("-bnb-4bit").removesuffix("-unsloth")
 
 
 def load_for_merge(adapter: Path, profile: Profile) -> tuple[PeftModel, PreTrainedTokenizerBase]:
@@ -403,6 +410,18 @@ def round_trip(server: Any, model: PreTrainedModel, tokenizer: PreTrainedTokeniz
         candidate = server.greedy(text, max_new_tokens, stops=end_of_turn_ids(tokenizer))
         rows.append({"question": question, **compare_greedy(reference, candidate, tokenizer)})
     return RoundTrip(gguf_type, rows, prompts_match), references
+
+
+def require_sound(trips: dict[str, RoundTrip], metadata: dict[str, list[dict[str, Any]]], near_tie: float) -> None:
+    """Stop here (before anything is served as the result, saved or published) when a GGUF failed a check."""
+    problems = [f"{t}: metadata {r['check']} is {r['gguf']!r}, expected {r['source']!r}"
+                for t, rows in metadata.items() for r in rows if not r["ok"]]  # fmt: skip
+    problems += [
+        f"{t}: {trip.verdict(near_tie)}" for t, trip in trips.items() if trip.verdict(near_tie).startswith("fail")
+    ]
+    if problems:
+        raise RoundTripError("The exported GGUF does not answer like the merged model, so it is neither saved as this "
+                             "step's result nor published:\n  " + "\n  ".join(problems))  # fmt: skip
 
 
 # Ollama

@@ -118,6 +118,25 @@ def test_compare_greedy_reports_first_divergence_with_scores(exported: dict) -> 
     assert ex.RoundTrip("q8_0", [row], False).verdict(0.05).startswith("fail")  # a wrong tokenizer always fails
 
 
+def test_failed_round_trip_or_metadata_stops_the_lesson() -> None:
+    bad_row = {"identical": False, "agreeing_tokens": 0, "tokens": 3,
+               "divergence": {"merged_top2_gap": 2.5}}  # fmt: skip
+    ok_meta = {"f16": [{"check": "vocabulary type", "gguf": "gpt2", "source": "gpt2", "ok": True}]}
+    ex.require_sound({"f16": ex.RoundTrip("f16", [{**bad_row, "identical": True}], True)}, ok_meta, 0.05)
+    with pytest.raises(ex.RoundTripError, match="f16: fail: answers differ"):
+        ex.require_sound({"f16": ex.RoundTrip("f16", [bad_row], True)}, ok_meta, 0.05)
+    bad_meta = {"q8_0": [{"check": "vocabulary type", "gguf": "llama", "source": "gpt2", "ok": False}]}
+    with pytest.raises(ex.RoundTripError, match="q8_0: metadata vocabulary type is 'llama', expected 'gpt2'"):
+        ex.require_sound({}, bad_meta, 0.05)
+
+
+def test_merge_loads_the_16bit_base_of_a_4bit_checkpoint() -> None:
+    profile = load_profile("rtx4090")
+    merged = ex.merge_profile(profile)
+    assert profile.model.name.endswith("-bnb-4bit") and merged.model.name == profile.model.name[: -len("-bnb-4bit")]
+    assert not merged.model.load_in_4bit and merged.model.backend == "transformers"
+
+
 def test_modelfile_template_renders_like_the_chat_template(exported: dict) -> None:
     tokenizer = exported["tokenizer"]
     text = ex.modelfile("model-q8_0.gguf", tokenizer, SYSTEM)
