@@ -91,7 +91,7 @@ class LlamaServer:
 
     @property
     def base_url(self) -> str:
-        """For the `openai` client: `OpenAI(base_url=server.base_url, api_key="none")`."""
+        """For the `openai` client: `OpenAI(base_url=server.base_url, api_key=...)` (any key: this server has none)."""
         return f"{self.url}/v1"
 
     def start(self) -> LlamaServer:
