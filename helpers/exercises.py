@@ -93,6 +93,12 @@ EXERCISES = {
             tolerance=1e-3,
         ),
         Exercise(
+            "08.1", "★★", "How many bytes does the q8_0 GGUF file spend per model weight (file size / parameters)?",
+            "q8_0 stores blocks of 32 weights as 32 int8 values plus one 16-bit scale; the vocabulary adds a little.",
+            lambda gguf_bytes, parameters: gguf_bytes / parameters,
+            tolerance=1e-3,
+        ),
+        Exercise(
             "09.1", "★", "How many GiB per GPU does Llama 3.1 70B need with QLoRA under ZeRO-3 on 4 GPUs?",
             "estimate('70B', 'qlora', 'zero3', 4) from helpers.memory; its total_gib is per GPU.",
             lambda: _memory_estimate("70B", "qlora", "zero3", 4),

