@@ -30,7 +30,7 @@ def test_every_lesson_has_an_exercise_with_a_solution_kept_apart():
 
 def test_solution_copies_replace_only_the_answer_cells(tmp_path):
     written = write_solutions(tmp_path)
-    assert len(written) == 9  # lessons 00-07 and 09
+    assert len(written) == 10  # lessons 00-09
     for solved in written:
         student = nbformat.read(NOTEBOOKS[0].parent / solved.name, as_version=4)
         solution = nbformat.read(solved, as_version=4)
