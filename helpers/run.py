@@ -48,6 +48,7 @@ def execute(notebook: Path, run: RunFolder, profile_name: str, log_output: bool 
     executed = run.record("executed") / notebook.name
     executed.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    quiet = None if log_output else _kernel_stderr_to(executed.with_suffix(".kernel.log"))
     try:
         pm.execute_notebook(
             str(notebook),
@@ -63,7 +64,21 @@ def execute(notebook: Path, run: RunFolder, profile_name: str, log_output: bool 
             f"{notebook.stem} failed in cell {err.exec_count} (cell index {err.cell_index}): "
             f"{err.ename}: {err.evalue}\nExecuted copy with the traceback: {executed}"
         ) from None
+    finally:
+        if quiet is not None:
+            os.dup2(quiet, 2)  # the terminal's stderr back
+            os.close(quiet)
     return time.perf_counter() - start
+
+
+def _kernel_stderr_to(log: Path) -> int:
+    """Send this process's stderr, which the kernel inherits, to `log` (its start-up warnings would bury the one
+    line per notebook); returns the saved terminal stderr for `execute` to restore."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(log, "ab") as target:
+        os.dup2(target.fileno(), 2)
+    return saved
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
