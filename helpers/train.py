@@ -251,6 +251,7 @@ def rank_lines(log: str) -> dict[int, list[str]]:
     import re
 
     lines: dict[int, list[str]] = {}
-    for match in re.finditer(r"\[rank (\d+)/\d+\] ([^\n\r]*)", log):
+    # processes share one pipe, so a line may run into another process's: each message ends at the next prefix
+    for match in re.finditer(r"\[rank (\d+)/\d+\] (.*?)(?=\[rank \d+/\d+\]|[\r\n]|$)", log):
         lines.setdefault(int(match.group(1)), []).append(match.group(2))
     return lines
