@@ -94,6 +94,9 @@ def train(profile: Profile, run_name: str, evaluate: bool = True) -> dict[str, A
     if not cuda_available():
         # torchrun-started processes on a machine without CUDA: accelerate then joins them with gloo on the CPU
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+        # plain "cpu": accelerate names it "cpu:0" on several processes, and torch.load cannot map a checkpoint's
+        # optimizer state to "cpu:0", so resuming would fail
+        os.environ.setdefault("ACCELERATE_TORCH_DEVICE", "cpu")
     from accelerate import PartialState
 
     state = PartialState(cpu=not cuda_available())
@@ -249,6 +252,7 @@ def rank_lines(log: str) -> dict[int, list[str]]:
     import re
 
     lines: dict[int, list[str]] = {}
-    for match in re.finditer(r"\[rank (\d+)/\d+\] ([^\n\r]*)", log):
+    # processes share one pipe, so a line may run into another process's: each message ends at the next prefix
+    for match in re.finditer(r"\[rank (\d+)/\d+\] (.*?)(?=\[rank \d+/\d+\]|[\r\n]|$)", log):
         lines.setdefault(int(match.group(1)), []).append(match.group(2))
     return lines
