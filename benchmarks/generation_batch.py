@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{len(questions)} questions, up to {max_new_tokens} new tokens, greedy")  # fmt: skip
 
     results, reference = [], None
-    for batch_size in args.batch_sizes:
+    print(f"\n| batch | seconds | tokens | tokens/s | vs batch {args.batch_sizes[0]} | answers equal to it |")
+    print("|---|---|---|---|---|---|", flush=True)
+    for batch_size in args.batch_sizes:  # each row prints as soon as it is measured
         start = time.perf_counter()
         answers = generate_batch(model, tokenizer, questions, systems, max_new_tokens, batch_size=batch_size)
         seconds = time.perf_counter() - start
@@ -52,13 +54,9 @@ def main(argv: list[str] | None = None) -> None:
         reference = reference or texts
         same = sum(a == b for a, b in zip(texts, reference, strict=True))
         results.append({"batch": batch_size, "seconds": seconds, "tokens": tokens, "same": same})
-    base = results[0]["tokens"] / results[0]["seconds"]
-    print(f"\n| batch | seconds | tokens | tokens/s | vs batch {results[0]['batch']} | answers equal to it |")
-    print("|---|---|---|---|---|---|")
-    for r in results:
-        rate = r["tokens"] / r["seconds"]
-        print(f"| {r['batch']} | {r['seconds']:.1f} | {r['tokens']} | {rate:.1f} | {rate / base:.2f}x "
-              f"| {r['same']}/{len(questions)} |")  # fmt: skip
+        rate, base = tokens / seconds, results[0]["tokens"] / results[0]["seconds"]
+        print(f"| {batch_size} | {seconds:.1f} | {tokens} | {rate:.1f} | {rate / base:.2f}x "
+              f"| {same}/{len(questions)} |", flush=True)  # fmt: skip
 
     # Notebook 07 answers every held-out row and the general questions, 06 its questions plus one held-out, each
     # with base and tuned model (06 also with four decoding settings, tuned only); seconds per question scale.

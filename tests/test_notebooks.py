@@ -124,6 +124,34 @@ def test_solution_copies_run_and_every_exercise_checks_correct(runs):
     run_dir = runs / "solved"
     assert main(["--profile", "cpu-smoke", "--run-name", "solved", "--notebooks", str(runs / "solutions")]) == 0
     assert results(RunFolder(run_dir, "cpu-smoke")) == {e: "correct" for e in EXERCISES}
+    check_hostile_rows_are_escaped(runs, "solved")
+
+
+def check_hostile_rows_are_escaped(runs: Path, run_name: str) -> None:
+    """Security data holds HTML payloads on purpose: 07's tables must show them as text, never as live HTML."""
+    import papermill as pm
+
+    hostile = runs / "hostile.jsonl"
+    row = {"subject": "XSS", "system": "You are a security expert."}
+    rows = [
+        {**row, "instruction": "What does <script>alert(1)</script> do?",
+         "response": "It runs script in the page: <img src=x onerror=alert(2)> is another way in."},
+        {**row, "instruction": "How is <b>bold</b> injected?",
+         "response": "Through unescaped HTML such as <script>steal()</script> in a comment field."},
+    ]  # fmt: skip
+    hostile.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    executed = runs / "07_hostile.ipynb"
+    pm.execute_notebook(
+        str(NOTEBOOKS_DIR / "07_evaluate.ipynb"), str(executed),
+        parameters={"PROFILE": "cpu-smoke", "RUN_NAME": run_name, "EVAL_DATA": str(hostile)},
+        cwd=str(NOTEBOOKS_DIR), kernel_name="python3",
+    )  # fmt: skip
+    nb = nbformat.read(executed, as_version=4)
+    html = "".join(
+        o.get("data", {}).get("text/html", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+    )
+    assert "&lt;script&gt;" in html, "the hostile rows should be shown, escaped"
+    assert "<script" not in html and "<img" not in html, "model or data text became live HTML"
 
 
 def test_appendix_compares_trainer_and_sfttrainer(runs):
