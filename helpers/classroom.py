@@ -216,7 +216,8 @@ def table(outcome: list[LearnerResult]) -> str:
     """One line per learner: notebooks that ran, exercises solved, minutes, and the first failure."""
     lines = ["| learner | notebooks run | exercises correct | minutes | first failure |", "|---|---|---|---|---|"]
     for r in outcome:
-        ran = ", ".join(name[:2] for name in r.seconds) or "none"
+        # notebooks that ran through (the failed one still counts in the minutes)
+        ran = ", ".join(name[:2] for name in r.seconds if not r.failed.startswith(name)) or "none"
         minutes = sum(r.seconds.values()) / 60
         failed = r.failed.replace("|", "\\|").replace("\n", " ") or "-"
         lines.append(f"| {r.learner} | {ran} | {r.exercises()} | {minutes:.1f} | {failed} |")

@@ -69,7 +69,10 @@ def check_stack(profile: Profile, processes: int) -> None:
 
 
 def _log(state: Any, message: str) -> None:
-    print(f"[rank {state.process_index}/{state.num_processes}] {message}", flush=True)
+    # One write per line: the processes share one pipe, unbuffered under the launcher, and print() would write the
+    # message and its newline apart, letting another process's line land in between.
+    sys.stdout.write(f"[rank {state.process_index}/{state.num_processes}] {message}\n")
+    sys.stdout.flush()
 
 
 def _rank_log_callback(state: Any) -> Any:
