@@ -11,26 +11,10 @@ import argparse
 import shutil
 from pathlib import Path
 
+from helpers.memory import LLAMA31
+
 SHAPES: dict[str, dict] = {
-    "llama31-8b": {
-        "vocab_size": 128256,
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "max_position_embeddings": 131072,
-        "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": False,
-        "rope_parameters": {
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-    },
+    "llama31-8b": LLAMA31["8B"],  # the published configuration, kept once in helpers.memory
     "tiny": {
         "vocab_size": 49152,  # SmolLM2's tokenizer
         "hidden_size": 256,
