@@ -27,8 +27,9 @@ $(STAMP): requirements.txt pyproject.toml
 demo: setup
 	$(BIN)/python -m helpers.run --profile $(PROFILE)
 
+# Two workers: the tests spend much of their time starting processes and kernels, which overlap well on 2 cores.
 test: setup scan-secrets check
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 # The same checks as the pre-commit hooks (.pre-commit-config.yaml), plus the type checker.
 check: setup

@@ -36,3 +36,11 @@ def loss_history(
     if eval_before is not None:
         evals.insert(0, (0, eval_before))
     return {"train": train, "eval": evals}
+
+
+def final_eval_loss(trainer: Any) -> float:
+    """The eval loss after the last step: the trainer's own, when it evaluated there (eval_steps divides max_steps),
+    else a fresh `trainer.evaluate()` (about as long as one eval_steps evaluation)."""
+    state = trainer.state
+    logged = [e["eval_loss"] for e in state.log_history if "eval_loss" in e and e["step"] == state.global_step]
+    return logged[-1] if logged else trainer.evaluate()["eval_loss"]

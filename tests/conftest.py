@@ -1,6 +1,24 @@
+import os
+import sys
+from pathlib import Path
+
 import pytest
+from filelock import FileLock
 
 from helpers.profiles import load_profile
+
+sys.path.insert(0, str(Path(__file__).parent))
+from smoke_chain import Chain, run_chain  # noqa: E402
+
+
+def pytest_configure(config):
+    # Under `pytest -n 2` (make test) each worker, and every process it starts, gets one core: two workers each
+    # spinning two OpenMP threads on two cores slow every matrix product several times over.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 def pytest_addoption(parser):
@@ -24,3 +42,19 @@ def sample_rows():
     from helpers.data import load_rows
 
     return load_rows("sample").rows
+
+
+@pytest.fixture(scope="session")
+def smoke_chain(tmp_path_factory, worker_id) -> Chain:
+    """Notebooks 00-09 under cpu-smoke, run once for the session (tests/smoke_chain.py). Under `pytest -n 2` the
+    first worker to ask runs it and the other waits for it and reads the result (a file lock in the shared tmp)."""
+    shared = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        shared = shared.parent
+    with FileLock(shared / "chain.lock"):
+        saved = shared / "chain.json"
+        if saved.is_file():
+            return Chain.load(saved)
+        chain = run_chain(shared / "chain")
+        chain.save(saved)
+    return chain

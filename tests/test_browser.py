@@ -19,9 +19,9 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from smoke_chain import copy_through_training
 
 from helpers import ROOT
-from helpers.run import main as run_notebooks
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 OUTPUT = Path(os.environ.get("LLM_SCHOOL_TEST_OUTPUT", ROOT / "runs" / "test-output")) / "browser"
@@ -47,12 +47,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    """Steps 01-05 done headlessly under cpu-smoke, then JupyterLab serving copies of 03 and 06 pointed at them."""
+def lab(tmp_path_factory, smoke_chain):
+    """Steps 00-05 of the session's cpu-smoke chain, and JupyterLab serving copies of 03 and 06 pointed at them."""
     base = tmp_path_factory.mktemp("browser")
     run_dir, runs_before = base / "run", os.environ.get("LLM_SCHOOL_RUNS")
-    os.environ["LLM_SCHOOL_RUNS"] = str(base)  # the runner's and JupyterLab's kernels find run folders here
-    assert run_notebooks(["--profile", "cpu-smoke", "--run-name", "run", "--only", "01", "02", "03", "04", "05"]) == 0
+    assert smoke_chain.returncode == 0, smoke_chain.output[-5000:]
+    copy_through_training(smoke_chain, run_dir)
+    os.environ["LLM_SCHOOL_RUNS"] = str(base)  # JupyterLab's kernels find the run folder here
     served = base / "lab"
     served.mkdir()
     for name in ("03_format_white_rabbit", "06_infer"):

@@ -2,11 +2,11 @@
 
 import json
 import math
-import uuid
 from pathlib import Path
 
 import nbformat
 import pytest
+from smoke_chain import copy_through_training
 
 from helpers.backend import cuda_available
 from helpers.data import load_rows
@@ -15,7 +15,6 @@ from helpers.profiles import load_profile
 from helpers.run import NOTEBOOKS_DIR, main, notebooks
 from helpers.runfolder import RunFolder
 from helpers.secrets import SECRET_NAMES
-from helpers.solutions import write_solutions
 from helpers.steps import PAIRS, SPLITS, STEPS, adapter_dir, load_log_history, load_report
 
 NOTEBOOKS = sorted(Path(__file__).resolve().parent.parent.joinpath("notebooks").glob("*.ipynb"))
@@ -48,13 +47,10 @@ def all_finite(value) -> bool:
     return not isinstance(value, float) or math.isfinite(value)
 
 
-def run_chain(profile: str, run_dir: Path) -> dict:
-    assert main(["--profile", profile, "--run-name", run_dir.name, "--log-output"]) == 0
-    manifests = {
-        s: json.loads((run_dir / s / "manifest.json").read_text()) for s, step in STEPS.items() if step.in_chain
-    }
-    assert all(m["profile"] == profile for m in manifests.values())
-    return manifests
+def manifests(run_dir: Path, profile: str) -> dict:
+    found = {s: json.loads((run_dir / s / "manifest.json").read_text()) for s, step in STEPS.items() if step.in_chain}
+    assert all(m["profile"] == profile for m in found.values())
+    return found
 
 
 def check_chain(run_dir: Path, m: dict) -> None:
@@ -98,32 +94,43 @@ def runs(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
-def test_all_notebooks_run_in_order_under_cpu_smoke_and_never_show_a_token(runs, capsys, monkeypatch):
-    # Canary tokens, made up at run time: the notebooks can see them (01 reports them as set) but must not write
-    # them anywhere: executed notebooks, run folders, saved configs, logs.
-    canaries = {name: f"canary-{name}-{uuid.uuid4().hex}" for name in ("HF_TOKEN", "OPENAI_API_KEY")}
-    for name, value in canaries.items():
-        monkeypatch.setenv(name, value)
-    run_dir = runs / "smoke"
-    check_chain(run_dir, run_chain("cpu-smoke", run_dir))
-    assert set(results(RunFolder(run_dir, "cpu-smoke")).values()) == {"not answered"}
-    captured = capsys.readouterr()
-    assert "eval loss before -> after" in captured.out and "total" in captured.out
+def test_all_notebooks_run_in_order_under_cpu_smoke_and_never_show_a_token(smoke_chain):
+    # The kernels saw made-up tokens (01 reports them as set) and must not have written them anywhere: executed
+    # notebooks, run folders, saved configs, logs.
+    assert smoke_chain.returncode == 0, smoke_chain.output[-5000:]
+    run_dir = smoke_chain.run_dir
+    check_chain(run_dir, manifests(run_dir, "cpu-smoke"))
+    assert "eval loss before -> after" in smoke_chain.output and "total" in smoke_chain.output
     first = (run_dir / "executed" / "01_load_model.ipynb").read_text()
     assert "'HF_TOKEN': 'set (value hidden)'" in first
     files = [p for p in run_dir.rglob("*") if p.is_file()]
     assert len(files) > 20
-    for value in canaries.values():
-        assert value not in captured.out + captured.err, "a token reached the log"
+    for value in smoke_chain.canaries.values():
+        assert value not in smoke_chain.output, "a token was printed to the log"
         leaked = [str(p) for p in files if value.encode() in p.read_bytes()]
         assert not leaked, f"a token was written to {leaked}"
 
 
-def test_solution_copies_run_and_every_exercise_checks_correct(runs):
-    write_solutions(runs / "solutions")
-    run_dir = runs / "solved"
-    assert main(["--profile", "cpu-smoke", "--run-name", "solved", "--notebooks", str(runs / "solutions")]) == 0
-    assert results(RunFolder(run_dir, "cpu-smoke")) == {e: "correct" for e in EXERCISES}
+def test_student_answers_say_not_answered_and_every_solution_checks_correct(smoke_chain):
+    """Each exercise ran twice in the chain: the student's empty answer, then the worked solution."""
+    executed = "".join(p.read_text() for p in (smoke_chain.run_dir / "executed").glob("*.ipynb"))
+    for exercise in EXERCISES:
+        assert f"Exercise {exercise}: not answered yet." in executed, f"{exercise}: the student's path did not run"
+    assert results(RunFolder(smoke_chain.run_dir, "cpu-smoke")) == {e: "correct" for e in EXERCISES}
+
+
+def test_no_later_cell_reads_an_answer_so_student_copies_run_as_solved_ones_do():
+    for path in NOTEBOOKS:
+        cells = nbformat.read(path, as_version=4).cells
+        for index, cell in enumerate(cells):
+            if "exercise" in cell.metadata.get("tags", []):
+                name = cell.source.split("=")[0].strip()
+                readers = [c for c in cells[index + 2 :] if name in c.source]
+                assert not readers, f"{path.name}: a cell after exercise {name}'s check reads it"
+
+
+def test_model_and_data_text_in_07_is_escaped(smoke_chain, runs):
+    copy_through_training(smoke_chain, runs / "solved")
     check_hostile_rows_are_escaped(runs, "solved")
 
 
@@ -161,7 +168,7 @@ def test_appendix_compares_trainer_and_sfttrainer(runs):
     pm.execute_notebook(
         str(NOTEBOOKS_DIR / "A1_trainer_vs_sfttrainer.ipynb"),
         str(runs / "A1.ipynb"),
-        parameters={"PROFILE": "cpu-smoke", "RUN_NAME": "appendix", "ROWS": 16, "STEPS": 4},
+        parameters={"PROFILE": "cpu-smoke", "RUN_NAME": "appendix", "ROWS": 8, "STEPS": 2},
         cwd=str(NOTEBOOKS_DIR),
         kernel_name="python3",
     )
@@ -179,4 +186,5 @@ def test_all_notebooks_run_under_a_gpu_profile(runs, request):
     if not load_profile(profile).model.requires_gpu:
         pytest.skip(f"--profile {profile} is a CPU profile; run: pytest -m gpu --profile rtx4090")
     run_dir = runs / "gpu"
-    check_chain(run_dir, run_chain(profile, run_dir))
+    assert main(["--profile", profile, "--run-name", run_dir.name, "--log-output"]) == 0
+    check_chain(run_dir, manifests(run_dir, profile))

@@ -14,7 +14,7 @@ import pytest
 from helpers import ROOT
 from helpers.trainer import DiskSpaceError, check_disk_space, resumable_checkpoint
 
-MAX_STEPS, SAVE_STEPS = 6, 2
+MAX_STEPS, SAVE_STEPS = 4, 2
 
 # What notebook 05 does, as a script: build the trainer from the profile and call run_training.
 TRAIN = f"""

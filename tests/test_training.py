@@ -12,7 +12,7 @@ from helpers.lora import add_lora, count_lora_parameters, count_parameters
 from helpers.model import load_model
 from helpers.profiles import load_profile
 from helpers.trainer import build_trainer
-from helpers.training_log import loss_history, train_figures
+from helpers.training_log import final_eval_loss, loss_history, train_figures
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,22 @@ def test_trainer_tokenises_like_the_lesson_and_trains(tiny, tmp_path):
     figures = train_figures(trainer.state.log_history)
     assert figures["train_tokens"] > 0 and figures["tokens_per_second"] > 0
     assert math.isfinite(before)
+
+
+def test_final_eval_loss_is_the_trainers_own_last_evaluation(tiny, tmp_path):
+    profile, model, tokenizer, card, splits = tiny
+    evaluating = profile.model_copy(update={"train": profile.train.model_copy(update={"eval_steps": 2})})
+    trainer = build_trainer(model, tokenizer, splits, evaluating, tmp_path)
+    trainer.train()
+    logged = [e for e in trainer.state.log_history if "eval_loss" in e]
+    assert logged and logged[-1]["step"] == trainer.state.global_step == 2
+    runs = []
+    trainer.evaluate = lambda evaluate=trainer.evaluate: runs.append(1) or evaluate()
+    assert final_eval_loss(trainer) == logged[-1]["eval_loss"] and not runs, "no second evaluation"
+    assert final_eval_loss(trainer) == pytest.approx(trainer.evaluate()["eval_loss"], rel=1e-5)
+    runs.clear()
+    trainer.state.log_history = [e for e in trainer.state.log_history if "eval_loss" not in e]
+    assert final_eval_loss(trainer) == pytest.approx(logged[-1]["eval_loss"], rel=1e-5) and runs == [1]
 
 
 def test_trainer_refuses_rows_whose_end_would_be_cut(tiny, tmp_path):
