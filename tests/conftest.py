@@ -58,3 +58,11 @@ def smoke_chain(tmp_path_factory, worker_id) -> Chain:
         chain = run_chain(shared / "chain")
         chain.save(saved)
     return chain
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the groups into node ids
+def pytest_collection_modifyitems(items):
+    # `make test` (pytest -n 2 --dist loadgroup): the tests that read the chain run on its worker, none waits idle.
+    for item in items:
+        if "smoke_chain" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("chain"))
