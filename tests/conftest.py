@@ -46,8 +46,8 @@ def sample_rows():
 
 @pytest.fixture(scope="session")
 def smoke_chain(tmp_path_factory, worker_id) -> Chain:
-    """Notebooks 00-09 under cpu-smoke, run once for the session (tests/smoke_chain.py). Under `pytest -n 2` the
-    first worker to ask runs it and the other waits for it and reads the result (a file lock in the shared tmp)."""
+    """Notebooks 00-09 under cpu-smoke, run once for the session (tests/smoke_chain.py). `make test` sends every
+    test that reads it to one worker (the xdist group below); the lock keeps it to one run under any other split."""
     shared = tmp_path_factory.getbasetemp()
     if worker_id != "master":
         shared = shared.parent

@@ -130,8 +130,8 @@ def test_no_later_cell_reads_an_answer_so_student_copies_run_as_solved_ones_do()
 
 
 def test_model_and_data_text_in_07_is_escaped(smoke_chain, runs):
-    copy_through_training(smoke_chain, runs / "solved")
-    check_hostile_rows_are_escaped(runs, "solved")
+    copy_through_training(smoke_chain, runs / "escaping")
+    check_hostile_rows_are_escaped(runs, "escaping")
 
 
 def check_hostile_rows_are_escaped(runs: Path, run_name: str) -> None:
