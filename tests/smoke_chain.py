@@ -41,11 +41,10 @@ class Chain:
         return cls(**{**saved, "run_dir": Path(saved["run_dir"])})
 
 
-def write_checked_copies(out: Path) -> list[Path]:
+def write_checked_copies(out: Path) -> None:
     """Copies of the notebooks with each exercise's solution and check cells added after the student's."""
     answers = load_answers()
     out.mkdir(parents=True, exist_ok=True)
-    written = []
     for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):
         nb = nbformat.read(notebook, as_version=4)
         cells = []
@@ -60,8 +59,6 @@ def write_checked_copies(out: Path) -> list[Path]:
             cells += [solution, nbformat.v4.new_code_cell(cell.source)]
         nb.cells = cells
         nbformat.write(nb, out / notebook.name)
-        written.append(out / notebook.name)
-    return written
 
 
 def run_chain(base: Path) -> Chain:
