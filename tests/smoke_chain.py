@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import uuid
@@ -19,8 +18,10 @@ from pathlib import Path
 import nbformat
 
 from helpers import ROOT
+from helpers.runfolder import RunFolder
 from helpers.solutions import load_answers
 from helpers.steps import STEPS, TRAIN
+from helpers.train import fork_run
 
 RUN_NAME = "smoke"
 
@@ -75,9 +76,8 @@ def run_chain(base: Path) -> Chain:
     return Chain(base / RUN_NAME, done.stdout + done.stderr, canaries, done.returncode)
 
 
-def copy_through_training(chain: Chain, target: Path) -> Path:
-    """A run folder holding the shared chain's steps 00-05 (data to trained adapter), for a test that writes into it."""
-    names = [name for name, step in STEPS.items() if step.in_chain]
-    for name in names[: names.index(TRAIN.name) + 1]:
-        shutil.copytree(chain.run_dir / name, target / name)
-    return target
+def fork_through_training(chain: Chain, name: str) -> RunFolder:
+    """A sibling of the shared chain's run folder holding its steps 00-05 (data to trained adapter), for a test that
+    writes into a run (`helpers.train.fork_run`, as lesson 09 forks its launches)."""
+    names = [step for step, declared in STEPS.items() if declared.in_chain]
+    return fork_run(RunFolder(chain.run_dir, "cpu-smoke"), name, tuple(names[: names.index(TRAIN.name) + 1]))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from smoke_chain import copy_through_training
+from smoke_chain import fork_through_training
 
 from helpers import ROOT
 
@@ -50,17 +50,17 @@ def _free_port() -> int:
 def lab(tmp_path_factory, smoke_chain):
     """Steps 00-05 of the session's cpu-smoke chain, and JupyterLab serving copies of 03 and 06 pointed at them."""
     base = tmp_path_factory.mktemp("browser")
-    run_dir, runs_before = base / "run", os.environ.get("LLM_SCHOOL_RUNS")
+    runs_before = os.environ.get("LLM_SCHOOL_RUNS")
     assert smoke_chain.returncode == 0, smoke_chain.output[-5000:]
-    copy_through_training(smoke_chain, run_dir)
-    os.environ["LLM_SCHOOL_RUNS"] = str(base)  # JupyterLab's kernels find the run folder here
+    run = fork_through_training(smoke_chain, "browser")
+    os.environ["LLM_SCHOOL_RUNS"] = str(run.root.parent)  # JupyterLab's kernels find the run folder here
     served = base / "lab"
     served.mkdir()
     for name in ("03_format_white_rabbit", "06_infer"):
         nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
         params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
         params.source = params.source.replace('PROFILE = "cpu-lab"', 'PROFILE = "cpu-smoke"').replace(
-            'RUN_NAME = "cpu-lab"', 'RUN_NAME = "run"'
+            'RUN_NAME = "cpu-lab"', 'RUN_NAME = "browser"'
         )
         nbformat.write(nb, served / f"{name}.ipynb")
     port, token = _free_port(), secrets.token_hex(16)
@@ -91,7 +91,7 @@ def lab(tmp_path_factory, smoke_chain):
             if time.monotonic() > deadline or server.poll() is not None:
                 pytest.fail(f"JupyterLab did not start: {(base / 'lab.log').read_text()[-2000:]}")
             time.sleep(0.5)
-    yield {"url": url, "token": token, "run": run_dir}
+    yield {"url": url, "token": token}
     os.killpg(server.pid, signal.SIGTERM)
     server.wait(timeout=30)
     if runs_before is None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from smoke_chain import copy_through_training
+from smoke_chain import fork_through_training
 
 from helpers.backend import cuda_available
 from helpers.data import load_rows
@@ -129,9 +129,9 @@ def test_no_later_cell_reads_an_answer_so_student_copies_run_as_solved_ones_do()
                 assert not readers, f"{path.name}: a cell after exercise {name}'s check reads it"
 
 
-def test_model_and_data_text_in_07_is_escaped(smoke_chain, runs):
-    copy_through_training(smoke_chain, runs / "escaping")
-    check_hostile_rows_are_escaped(runs, "escaping")
+def test_model_and_data_text_in_07_is_escaped(smoke_chain, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM_SCHOOL_RUNS", str(fork_through_training(smoke_chain, "escaping").root.parent))
+    check_hostile_rows_are_escaped(tmp_path, "escaping")
 
 
 def check_hostile_rows_are_escaped(runs: Path, run_name: str) -> None:
