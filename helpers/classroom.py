@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -31,13 +30,11 @@ from pathlib import Path
 from helpers import ROOT
 from helpers.exercises import results
 from helpers.profiles import ProfileError, load_profile
-from helpers.run import NOTEBOOKS_DIR, notebooks
 from helpers.runfolder import RUN_LOCK, RunFolder, RunInUseError, RunNameError
-from helpers.secrets import SECRET_NAMES
+from helpers.runner import NOTEBOOKS_DIR, notebooks, papermill_run
+from helpers.secrets import environment_without_secrets
+from helpers.steps import executed_dir
 
-# Names that hold credentials by convention: HF_TOKEN, OPENAI_API_KEY, AWS_SECRET_ACCESS_KEY, GITHUB_TOKEN, ...
-SECRET_VARIABLE = re.compile(r"(^|_)(TOKEN|KEY|PASSWORD|PASSWD|CREDENTIALS?)(_|$)|SECRET", re.IGNORECASE)
-AGENT_SOCKETS = ("SSH_AUTH_SOCK", "GPG_AGENT_INFO")  # no secret values, but they sign and push as the instructor
 GRACE_S = 60  # on top of the notebook's limit: kernel start and writing the executed copy
 
 
@@ -51,7 +48,10 @@ class LearnerResult:
     def exercises(self) -> str:
         if self.run is None:
             return "-"
-        verdicts = list(results(self.run).values())
+        try:
+            verdicts = list(results(self.run, strict=True).values())
+        except ValueError as err:  # a learner's kernel wrote the file: its fault shows in their row only
+            return str(err)
         return f"{verdicts.count('correct')}/{len(verdicts)}"
 
 
@@ -70,14 +70,11 @@ def init(class_dir: Path, learners: list[str]) -> list[Path]:
     return made
 
 
-def is_secret(name: str) -> bool:
-    return name in SECRET_NAMES + AGENT_SOCKETS or bool(SECRET_VARIABLE.search(name))
-
-
 def learner_env(run: RunFolder, profile_arg: str, pass_secrets: bool = False) -> dict[str, str]:
-    """The environment of a learner's kernel: the instructor's, without tokens, keys and secrets (unless
-    `pass_secrets`), and with the learner's run folder and the class's profile fixed (see lesson.start_lesson)."""
-    env = {k: v for k, v in os.environ.items() if pass_secrets or not is_secret(k)}
+    """The environment of a learner's kernel: the instructor's, without tokens, keys, secrets and stored logins
+    (unless `pass_secrets`: see helpers.secrets), and with the learner's run folder and the class's profile fixed
+    (see lesson.start_lesson)."""
+    env = dict(os.environ) if pass_secrets else environment_without_secrets(run.root)
     if not pass_secrets:
         env["LLM_SCHOOL_NO_SECRETS"] = "1"  # and `.env` is not read in the kernel either
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
@@ -113,7 +110,7 @@ def run_notebook(
     notebook: Path, run: RunFolder, profile_arg: str, timeout_s: int, pass_secrets: bool = False
 ) -> tuple[float, str]:
     """Execute one learner notebook in its own process within `timeout_s`; returns (seconds, "" or the failure)."""
-    executed = run.record("executed") / notebook.name
+    executed = executed_dir(run) / notebook.name
     executed.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="llm-school-") as scratch:
         outcome_file = Path(scratch) / "outcome.json"
@@ -156,20 +153,10 @@ def _failure(notebook: Path, err: BaseException, timeout_s: int) -> str:
 
 def _execute(argv: list[str]) -> int:
     """The child process for one notebook: papermill with a per-cell limit; the outcome goes to a JSON file."""
-    import papermill as pm
-
     notebook, executed, profile_arg, run_name, timeout_s, outcome_file = argv
     failure = ""
     try:
-        pm.execute_notebook(
-            notebook,
-            executed,
-            parameters={"PROFILE": profile_arg, "RUN_NAME": run_name},
-            cwd=str(NOTEBOOKS_DIR),
-            kernel_name="python3",
-            progress_bar=False,
-            execution_timeout=int(timeout_s),
-        )
+        papermill_run(Path(notebook), Path(executed), profile_arg, run_name, execution_timeout=int(timeout_s))
     except Exception as err:  # every failure of a learner's notebook is reported in their row, never raised
         failure = _failure(Path(notebook), err, int(timeout_s))
     Path(outcome_file).write_text(json.dumps({"failure": failure}), encoding="utf-8")
@@ -219,9 +206,13 @@ def table(outcome: list[LearnerResult]) -> str:
         # notebooks that ran through (the failed one still counts in the minutes)
         ran = ", ".join(name[:2] for name in r.seconds if not r.failed.startswith(name)) or "none"
         minutes = sum(r.seconds.values()) / 60
-        failed = r.failed.replace("|", "\\|").replace("\n", " ") or "-"
-        lines.append(f"| {r.learner} | {ran} | {r.exercises()} | {minutes:.1f} | {failed} |")
+        lines.append(f"| {_cell(r.learner)} | {ran} | {_cell(r.exercises())} | {minutes:.1f} | {_cell(r.failed)} |")
     return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    """Text that stays in its Markdown table cell, whatever a learner's notebook put in it."""
+    return text.replace("|", "\\|").replace("\r", " ").replace("\n", " ") or "-"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,11 +9,13 @@ loss on the completion only, and the chat template closes it with the end-of-tur
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import math
 import os
 import random
-import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,10 @@ from datasets import Dataset, DatasetDict
 from transformers import PreTrainedTokenizerBase
 
 from helpers import ROOT
+from helpers.chat import messages
+from helpers.html_tables import CONTROL_CHARS, show_controls
 from helpers.profiles import DataSettings
+from helpers.text_measures import words
 
 FIELDS = ("subject", "system", "instruction", "response")
 PROVENANCE = ("source", "chunk")  # optional: where notebook 00 found the text of a generated pair
@@ -31,6 +36,7 @@ GENERAL_QUESTIONS = ROOT / "data" / "general_questions.jsonl"  # non-security qu
 HUB_PREFIX = "hub:"
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")  # compared in lower case: `.JSONL` is a JSONL file too
 BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, which Windows editors put at the start of a file
+MAX_LINE_BYTES = 1_000_000  # one row of a .jsonl file; the longest sample row is 3 KB, and parsing costs ~20x its size
 
 
 class DataError(ValueError):
@@ -76,24 +82,48 @@ def _object(pairs: list[tuple[str, Any]]) -> _Row:
     return row
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")  # Python's json accepts NaN, Infinity and -Infinity; JSON does not
+
+
 def _loads(text: str) -> Any:
-    """json.loads that remembers duplicate keys (see `_Row`); a value nested past the parser's recursion limit or
-    an integer too long to convert is a ValueError like any other invalid JSON."""
+    """json.loads that remembers duplicate keys (see `_Row`) and refuses NaN and Infinity; a value nested past the
+    parser's recursion limit or an integer too long to convert is a ValueError like any other invalid JSON."""
     try:
-        return json.loads(text, object_pairs_hook=_object)
+        return json.loads(text, object_pairs_hook=_object, parse_constant=_no_constant)
     except RecursionError:
         raise ValueError("nested too deeply") from None
 
 
-def words(text: str) -> list[str]:
-    """Lower-cased words without punctuation: how texts are compared (duplicates here and in notebook 00, token F1)."""
-    return re.sub(r"[^\w\s]", " ", text.lower()).split()  # (where, the parsed row or a Problem)
+def _lines(path: Path) -> Iterator[tuple[int, bytes | int]]:
+    """(line number, its bytes without the line break), or the line's size in bytes when that is over
+    MAX_LINE_BYTES: such a line is read in pieces and dropped, never held whole in memory."""
+    with open(path, "rb") as file:
+        for number in itertools.count(1):
+            line = file.readline(MAX_LINE_BYTES + 2)  # room for a row at the limit and its \r\n
+            if not line:
+                return
+            if number == 1:
+                line = line.removeprefix(BOM)
+            if line.endswith(b"\n") or len(line) <= MAX_LINE_BYTES:  # the whole line, maybe the last one
+                row = line.rstrip(b"\r\n")
+                yield number, row if len(row) <= MAX_LINE_BYTES else len(row)
+                continue
+            size = len(line)
+            while line and not line.endswith(b"\n"):  # the rest of a long line, a piece at a time
+                line = file.readline(MAX_LINE_BYTES)
+                size += len(line)
+            yield number, size - line.endswith(b"\n")
 
 
 def _read_jsonl(path: Path) -> list[Item]:
     items: list[Item] = []
-    for number, raw in enumerate(path.read_bytes().removeprefix(BOM).splitlines(), start=1):
+    for number, raw in _lines(path):
         where = f"{path}, line {number}"
+        if isinstance(raw, int):
+            detail = f"{raw:,} bytes long, over the limit of {MAX_LINE_BYTES:,} bytes for one row"
+            items.append((where, Problem(where, "line too long", detail)))
+            continue
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as err:
@@ -182,6 +212,20 @@ def _check_row(where: str, row: Any) -> Problem | None:
             return Problem(where, "wrong type", f"field {name!r} must be text, got {type(row[name]).__name__}")
         if name in ("instruction", "response") and not row[name].strip():
             return Problem(where, "empty text", f"field {name!r} is empty")
+    return _check_values(where, row)
+
+
+def _check_values(where: str, row: dict[str, Any]) -> Problem | None:
+    """Values that parse but mislead: NaN or infinity (a parquet float), and invisible control characters in text,
+    bidi overrides above all, which make a row read differently from what the model is trained on."""
+    for name, value in row.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            return Problem(where, "not a number", f"field {name!r} is {value}, not a finite number")
+        found = CONTROL_CHARS.search(value) if isinstance(value, str) else None
+        if found:
+            char = show_controls(found.group())
+            detail = f"field {name!r} holds the invisible control character {char} at position {found.start()}"
+            return Problem(where, "control character", f"{detail}: it can make the text read differently; remove it")
     return None
 
 
@@ -232,14 +276,8 @@ def load_rows(source: str = "sample", on_error: str = "stop") -> LoadedRows:
 
 def to_prompt_completion(row: dict[str, str]) -> dict[str, Any]:
     """One White Rabbit row as a conversational prompt-completion example."""
-    prompt = [{"role": "user", "content": row["instruction"]}]
-    if row["system"]:
-        prompt.insert(0, {"role": "system", "content": row["system"]})
-    return {
-        "prompt": prompt,
-        "completion": [{"role": "assistant", "content": row["response"]}],
-        "subject": row["subject"],
-    }
+    *prompt, answer = messages(row["instruction"], row["system"], answer=row["response"])
+    return {"prompt": prompt, "completion": [answer], "subject": row["subject"]}
 
 
 def load_general_questions(limit: int) -> list[dict[str, Any]]:

@@ -7,11 +7,10 @@ established metrics (ROUGE-L from rouge-score, BLEU and chrF from sacrebleu, tok
 
 from __future__ import annotations
 
-import html
 import math
 import random
 import statistics
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -21,20 +20,11 @@ from peft import PeftModel
 from rouge_score import rouge_scorer
 from transformers import PreTrainedTokenizerBase
 
-from helpers.data import tokenize_example, words
+from helpers.data import tokenize_example
 from helpers.inference import GREEDY, Decoding, compare_base_and_tuned
+from helpers.text_measures import distinct_n, repeated_loop, token_f1
 
 METRICS = ("rougeL", "bleu", "chrf", "token_f1")
-
-
-def token_f1(prediction: str, reference: str) -> float:
-    """Bag-of-words F1 between two texts (lower-cased, punctuation removed), as in SQuAD."""
-    pred, ref = words(prediction), words(reference)
-    common = sum((Counter(pred) & Counter(ref)).values())
-    if not pred or not ref or not common:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
 
 
 def text_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
@@ -118,31 +108,6 @@ def compare_losses(
         for subject, v in sorted(by_subject.items())
     }
     return overall
-
-
-def repeated_loop(text: str, min_repeats: int = 3, min_words: int = 12, max_period: int = 30) -> str | None:
-    """The first runaway loop in a text: a run of words repeated back to back, or None.
-
-    A loop is a span of `period` words (1 to `max_period`) that occurs at least `min_repeats` times in a row and
-    covers at least `min_words` words, e.g. "the current user's role, the current user's role, ...". Lists and
-    normal prose do not repeat themselves word for word like that.
-    """
-    w = words(text)
-    for period in range(1, min(max_period, len(w) // min_repeats) + 1):
-        run = 0
-        for i in range(len(w) - period):
-            run = run + 1 if w[i] == w[i + period] else 0
-            covered = run + period  # words inside the repeating stretch so far
-            if covered >= max(min_repeats * period, min_words):
-                start = i - run + 1
-                return " ".join(w[start : start + period])
-    return None
-
-
-def distinct_n(texts: list[str], n: int = 2) -> float:
-    """Distinct-n (Li et al., 2016): unique word n-grams over all n-grams in all texts; loops push it down."""
-    grams = [tuple(w[i : i + n]) for t in texts for w in [words(t)] for i in range(len(w) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
 
 
 def _answer_records(answers: list[dict[str, Any]], references: list[str]) -> list[dict[str, Any]]:
@@ -360,12 +325,15 @@ def _decoding_text(decoding: dict[str, Any]) -> str:
 
 
 def report_markdown(report: dict[str, Any]) -> str:
-    """The report as a readable Markdown page."""
+    """The report as a readable Markdown page. Model and data text (answers, questions, subjects, names) is
+    escaped: Markdown viewers render HTML, and a `|` or line break would break a table."""
+    from helpers.html_tables import markdown_text as md
+
     loss, gen, forget = report["loss"], report["generation"]["scores"], report["forgetting"]
     lines = [
-        f"# Evaluation: base vs tuned ({report['model']}, profile {report['profile']})",
+        f"# Evaluation: base vs tuned ({md(report['model'])}, profile {md(report['profile'])})",
         "",
-        f"Held-out data: {report['dataset']} ({report['eval_rows']} rows, never trained on).",
+        f"Held-out data: {md(report['dataset'])} ({report['eval_rows']} rows, never trained on).",
         "",
         "## Answer loss on the reference answers (lower is better)",
         "",
@@ -401,7 +369,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for subject, v in loss["per_subject"].items():
-        lines.append(f"| {subject} | {v['rows']} | {v['base']:.3f} | {v['tuned']:.3f} |")
+        lines.append(f"| {md(subject)} | {v['rows']} | {v['base']:.3f} | {v['tuned']:.3f} |")
     lines += [
         "",
         "## Forgetting check: general, non-security questions",
@@ -413,13 +381,13 @@ def report_markdown(report: dict[str, Any]) -> str:
     for key in (*METRICS, "loop_rate"):
         lines.append(f"| {key} | {forget['scores']['base'][key]:.3f} | {forget['scores']['tuned'][key]:.3f} |")
     lines += ["", "## Side by side", ""]
-    for s in report["generation"]["samples"][:4]:  # model and data text escaped: Markdown viewers render HTML
+    for s in report["generation"]["samples"][:4]:
         lines += [
-            f"**Q ({html.escape(s['subject'])}):** {html.escape(s['question'])}",
+            f"**Q ({md(s['subject'])}):** {md(s['question'])}",
             "",
-            f"- *reference:* {html.escape(s['reference'])}",
-            f"- *base:* {html.escape(s['base']['answer'])}",
-            f"- *tuned:* {html.escape(s['tuned']['answer'])}",
+            f"- *reference:* {md(s['reference'])}",
+            f"- *base:* {md(s['base']['answer'])}",
+            f"- *tuned:* {md(s['tuned']['answer'])}",
             "",
         ]
     return "\n".join(lines)

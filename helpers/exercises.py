@@ -15,23 +15,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from helpers.runfolder import RunFolder, write_json_atomic
-
-EXERCISES_FILE = "exercises.json"  # each exercise's last verdict, per run folder
+from helpers.runfolder import RunFolder
+from helpers.steps import exercises_file, write_exercises
 
 
 @dataclass(frozen=True)
 class Exercise:
-    id: str
-    level: str
-    task: str
+    id: str  # the task and its difficulty are the notebook's own text; here, how to check an answer and what to hint
     hint: str
     expected: Callable[..., Any]  # the right answer, from the lesson's objects
     tolerance: float = 0.0  # relative, for numbers
 
 
 def _read_documents(raw_dir, words: int):
-    from helpers.prepare import read_documents
+    from helpers.documents import read_documents
 
     return read_documents(raw_dir, words)
 
@@ -51,55 +48,54 @@ EXERCISES = {
     e.id: e
     for e in [
         Exercise(
-            "00.1", "★", "How many chunks do the raw documents become with chunk_words=150 instead of the profile's?",
+            "00.1",
             "read_documents(raw_dir, 150) keeps whole paragraphs together; a chunk never crosses two documents.",
             lambda raw_dir: len(_read_documents(raw_dir, 150)[0]),
         ),
         Exercise(
-            "01.1", "★", "How many tokens is the text 'What is a SYN flood?' (no special tokens)?",
+            "01.1",
             "tokenizer(text, add_special_tokens=False)['input_ids'] lists them; words and tokens differ.",
             lambda tokenizer: _tokens(tokenizer, "What is a SYN flood?"),
         ),
         Exercise(
-            "02.1", "★★", "Change r to 8 (same targets): how many trainable parameters will LoRA add?",
+            "02.1",
             "Each targeted linear layer of shape out x in gets r * (in + out). The count is linear in r.",
             lambda model, targets: _lora_count(model, targets),
         ),
         Exercise(
-            "03.1", "★★", "Find the row (its index in `rows`) that max_length would cut off first: the longest one.",
+            "03.1",
             "tokenize_example(tokenizer, to_prompt_completion(row)) gives the ids; compare their lengths.",
             lambda tokenizer, rows: _longest_row(tokenizer, rows),
         ),
         Exercise(
-            "04.1", "★", "How many tokens of the first training example carry a loss (label other than -100)?",
+            "04.1",
             "The trainer's train_dataset has a labels column; the prompt's labels are -100.",
             lambda dataset: sum(label != -100 for label in dataset[0]["labels"]),
         ),
         Exercise(
-            "05.1", "★", "At which step was the logged training loss lowest?",
+            "05.1",
             "history['train'] is a list of (step, loss) pairs.",
             lambda history: min(history["train"], key=lambda point: point[1])[0],
         ),
         Exercise(
-            "06.1", "★★", "Generate with eos_token_id=None, so the model is never told where its answer ends: how "
-            "many new tokens come back?",
+            "06.1",
             "Without an end-of-turn token to stop at, generation runs until the budget is spent.",
             lambda max_new_tokens: max_new_tokens,
         ),
         Exercise(
-            "07.1", "★", "What is the tuned model's perplexity on the held-out answers, from its mean answer loss?",
+            "07.1",
             "Perplexity is exp(mean cross-entropy per token).",
             lambda loss: _perplexity(loss),
             tolerance=1e-3,
         ),
         Exercise(
-            "08.1", "★★", "How many bytes does the q8_0 GGUF file spend per model weight (file size / parameters)?",
+            "08.1",
             "q8_0 stores blocks of 32 weights as 32 int8 values plus one 16-bit scale; the vocabulary adds a little.",
             lambda gguf_bytes, parameters: gguf_bytes / parameters,
             tolerance=1e-3,
         ),
         Exercise(
-            "09.1", "★", "How many GiB per GPU does Llama 3.1 70B need with QLoRA under ZeRO-3 on 4 GPUs?",
+            "09.1",
             "estimate('70B', 'qlora', 'zero3', 4) from helpers.memory; its total_gib is per GPU.",
             lambda: _memory_estimate("70B", "qlora", "zero3", 4),
             tolerance=0.02,
@@ -124,12 +120,6 @@ def _lora_count(model, targets: list[str]) -> int:
     from helpers.lora import count_lora_parameters
 
     return count_lora_parameters(model, 8, targets)
-
-
-def task(exercise_id: str) -> None:
-    """Print an exercise's difficulty and task (the notebooks show it above the answer cell)."""
-    e = EXERCISES[exercise_id]
-    print(f"Exercise {e.id} {e.level}: {e.task}")
 
 
 def check(run: RunFolder | None, exercise_id: str, answer: Any, **context: Any) -> bool:
@@ -158,14 +148,35 @@ def _matches(answer: Any, expected: Any, tolerance: float) -> bool:
 
 
 def _record(run: RunFolder, exercise_id: str, verdict: str) -> None:
-    verdicts = {**results(run), exercise_id: verdict}
-    write_json_atomic(run.record(EXERCISES_FILE), dict(sorted(verdicts.items())))  # a torn file would break checks
+    verdicts = {**results(run), exercise_id: verdict}  # an unreadable file is replaced, never a reason to fail
+    write_exercises(run, verdicts)
 
 
-def results(run: RunFolder) -> dict[str, str]:
-    """Each exercise's last verdict in this run folder: correct, wrong or not answered."""
-    path = run.record(EXERCISES_FILE)
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError:  # written atomically since; an older torn file must not break every later check
+MAX_RECORD_BYTES = 1_000_000  # ten verdicts take a few hundred bytes; anything near this was not written by check()
+
+
+def results(run: RunFolder, strict: bool = False) -> dict[str, str]:
+    """Each exercise's last verdict in this run folder: correct, wrong or not answered.
+
+    The file is written by a learner's kernel, so it may hold anything. An unreadable one (torn, not an object of
+    texts, nested past the parser's limit, too large) counts as no verdicts, or with `strict` is a ValueError that
+    names the file and the fault: the classroom runner puts it in that learner's row instead of failing the class.
+    """
+    path = exercises_file(run)
+    if not path.is_file():
         return {}
+    try:
+        if path.stat().st_size > MAX_RECORD_BYTES:
+            raise ValueError(f"larger than {MAX_RECORD_BYTES:,} bytes")
+        verdicts = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(verdicts, dict):
+            raise ValueError(f"it holds a {type(verdicts).__name__}, not an object of verdicts")
+        wrong = next((k for k, v in verdicts.items() if not isinstance(v, str)), None)
+        if wrong is not None:
+            raise ValueError(f"the verdict of {wrong!r} is not text (got {type(verdicts[wrong]).__name__})")
+    except (OSError, ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        if strict:
+            reason = "nested too deeply" if isinstance(err, RecursionError) else str(err).splitlines()[0][:200]
+            raise ValueError(f"{path} is unreadable: {reason}") from None
+        return {}
+    return verdicts

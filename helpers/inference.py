@@ -185,9 +185,8 @@ def answers_table(samples: list[dict[str, Any]], limit: int | None = None):
 
     Model answers and data rows are untrusted text: a `<script>` in either must show as text, never run.
     """
-    import pandas as pd
-
-    from helpers.evaluation import repeated_loop
+    from helpers.html_tables import safe_table
+    from helpers.text_measures import repeated_loop
 
     rows = []
     for s in samples[:limit]:
@@ -199,5 +198,4 @@ def answers_table(samples: list[dict[str, Any]], limit: int | None = None):
         loops = [repeated_loop(s[m]["answer"]) is not None for m in ("base", "tuned")]
         row["loop (base/tuned)"] = f"{loops[0]}/{loops[1]}"
         rows.append(row)
-    table = pd.DataFrame(rows).style.format(escape="html")
-    return table.set_properties(**{"text-align": "left", "white-space": "pre-wrap"})
+    return safe_table(rows)

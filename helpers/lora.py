@@ -8,6 +8,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
 from helpers.backend import uses_unsloth
+from helpers.memory import lora_weights
 from helpers.profiles import LoraSettings, Profile
 
 
@@ -60,9 +61,10 @@ def count_parameters(model: PreTrainedModel) -> tuple[int, int]:
 
 
 def count_lora_parameters(model: PreTrainedModel, r: int, target_modules: list[str]) -> int:
-    """r * (in + out) for every targeted linear layer, plain or already wrapped by PEFT."""
-    return sum(
-        r * (module.in_features + module.out_features)
+    """The weights LoRA of rank r adds to this model's targeted linear layers, plain or already wrapped by PEFT."""
+    targeted = (
+        (module.in_features, module.out_features)
         for name, module in model.named_modules()
         if name.split(".")[-1] in target_modules and hasattr(module, "in_features")
     )
+    return lora_weights(r, targeted)

@@ -21,6 +21,7 @@ Activations are never shared out: each GPU keeps those of its own micro-batch.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -83,10 +84,16 @@ def parameter_counts(model: str | dict[str, Any]) -> dict[str, int]:
     return {"linear": linear, "embeddings": embeddings, "norms": norms, "total": linear + embeddings + norms}
 
 
+def lora_weights(r: int, layers: Iterable[tuple[int, int]]) -> int:
+    """LoRA adds r * (in + out) weights per targeted linear layer of (in, out) features: A is r x in, B is out x r."""
+    return sum(r * (fan_in + fan_out) for fan_in, fan_out in layers)
+
+
 def lora_parameters(model: str | dict[str, Any], r: int, targets: tuple[str, ...] = LINEAR) -> int:
-    """LoRA adds r * (in + out) weights per targeted linear layer."""
+    """LoRA's weights on every decoder layer of a Llama shape, for the targeted linear layers."""
     c = _shape(model)
-    return c["num_hidden_layers"] * sum(r * (a + b) for name, (a, b) in linear_shapes(c).items() if name in targets)
+    targeted = [shape for name, shape in linear_shapes(c).items() if name in targets]
+    return c["num_hidden_layers"] * lora_weights(r, targeted)
 
 
 def activation_bytes(model: str | dict[str, Any], batch: int, seq: int, checkpointing: bool = True) -> int:
@@ -211,19 +218,6 @@ def memory_table(
                         continue  # offloading needs a ZeRO/FSDP optimizer; DDP has none
                     rows.append(estimate(model, method, strategy, gpus, off, **kwargs).row())  # type: ignore[arg-type]
     return rows
-
-
-def smallest_setup(model: str, gpu_gib: float, method: Method, max_gpus: int = 64, **kwargs: Any) -> dict[str, Any]:
-    """The fewest GPUs of `gpu_gib` (and the lightest engine) that fit, trying DDP, ZeRO-2, then ZeRO-3, then
-    ZeRO-3 with CPU offload, with 90% of the card usable (the CUDA context and fragmentation take the rest)."""
-    for gpus in (1, 2, 4, 8, 16, 32, 64):
-        if gpus > max_gpus:
-            break
-        for strategy, off in (("ddp", False), ("zero2", False), ("zero3", False), ("zero3", True)):
-            e = estimate(model, method, strategy, gpus, off, **kwargs)  # type: ignore[arg-type]
-            if e.total_gib <= 0.9 * gpu_gib:
-                return {"gpus": gpus, "strategy": strategy, "offload": off, "per_gpu_gib": e.total_gib}
-    return {"gpus": None, "strategy": None, "offload": None, "per_gpu_gib": None}
 
 
 def empty_llama(model: str | dict[str, Any]) -> Any:

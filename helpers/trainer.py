@@ -16,7 +16,7 @@ from datasets import DatasetDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from helpers.backend import bf16_available, cuda_available
+from helpers.backend import cuda_available, mixed_precision
 from helpers.cpu_loss import AnswerHeadSFTTrainer
 from helpers.data import DataError, check_end_of_turn_trained
 from helpers.profiles import Profile
@@ -46,10 +46,11 @@ KEY_FIELDS = (
 )
 
 
-def sft_config(profile: Profile, output_dir: str | Path) -> SFTConfig:
-    """Every SFTConfig choice comes from the profile; only hardware-dependent ones are derived here."""
+def sft_config(profile: Profile, output_dir: str | Path, tracking_dir: str | Path | None = None) -> SFTConfig:
+    """Every SFTConfig choice comes from the profile; only hardware-dependent ones are derived here. Local trackers
+    write into `tracking_dir` (`steps.tracking_dir(run)` in the lessons; None: into `output_dir`)."""
     train = profile.train
-    cuda, bf16 = cuda_available(), bf16_available()
+    cuda = cuda_available()
     return SFTConfig(
         output_dir=str(output_dir),
         max_steps=train.max_steps,
@@ -66,8 +67,7 @@ def sft_config(profile: Profile, output_dir: str | Path) -> SFTConfig:
         completion_only_loss=True,  # loss on the answer only (prompt-completion rows)
         gradient_checkpointing=train.gradient_checkpointing,
         neftune_noise_alpha=train.neftune_noise_alpha,  # None: off
-        bf16=bf16,  # trl defaults bf16 to True; on CPU it would silently change the numbers
-        fp16=cuda and not bf16,
+        **mixed_precision(),
         logging_steps=train.logging_steps,
         logging_first_step=True,
         eval_strategy="steps" if train.eval_steps else "no",
@@ -77,7 +77,7 @@ def sft_config(profile: Profile, output_dir: str | Path) -> SFTConfig:
         save_total_limit=2,
         seed=train.seed,
         data_seed=train.seed,
-        report_to=report_to(train.report_to, output_dir),  # trackers write into the run folder (helpers/tracking.py)
+        report_to=report_to(train.report_to, tracking_dir or output_dir),
         dataset_num_proc=None,
         dataloader_pin_memory=cuda,  # pinning only helps copies to a GPU
     )
@@ -91,6 +91,7 @@ def build_trainer(
     output_dir: str | Path,
     callbacks: list[TrainerCallback] | None = None,
     config: SFTConfig | None = None,
+    tracking_dir: str | Path | None = None,
 ) -> SFTTrainer:
     """An SFTTrainer over the train/eval splits, with the end-of-turn check run on what it will train.
 
@@ -100,7 +101,7 @@ def build_trainer(
     trainer_class = SFTTrainer if cuda_available() else AnswerHeadSFTTrainer
     trainer = trainer_class(
         model=model,
-        args=config or sft_config(profile, output_dir),
+        args=config or sft_config(profile, output_dir, tracking_dir),
         train_dataset=splits["train"],
         eval_dataset=splits["eval"],
         processing_class=tokenizer,

@@ -19,6 +19,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer, TrainerCallback
 
 from helpers.data import to_prompt_completion, tokenize_example
+from helpers.html_tables import show_controls
 from helpers.inference import chat_inputs
 from helpers.lora import count_lora_parameters
 from helpers.plots import loss_curve
@@ -42,12 +43,18 @@ def headless() -> bool:
 # ---- 03: dataset browser --------------------------------------------------------------------------------------
 
 
+def _shown(text: str) -> str:
+    """Data text for HTML: escaped, and its control and bidi characters written out (\\u202e) so none reorders
+    or hides what the row really holds."""
+    return html.escape(show_controls(text))
+
+
 def mask_html(tokenizer: PreTrainedTokenizerBase, input_ids: list[int], labels: list[int]) -> str:
     """The example token by token: masked prompt grey, trained answer green, the end-of-turn token red and boxed."""
     eot_id = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
     spans = []
     for token_id, label in zip(input_ids, labels, strict=True):
-        text = html.escape(tokenizer.decode([token_id]))
+        text = _shown(tokenizer.decode([token_id]))
         if token_id == eot_id and label != -100:
             spans.append(f'<span title="end of turn: trained" style="color:{END};border:1px solid {END}">{text}</span>')
         else:
@@ -84,10 +91,10 @@ def dataset_browser(rows: list[dict[str, str]], tokenizer: PreTrainedTokenizerBa
 
     def show(index: int) -> None:
         view = row_view(tokenizer, rows[index], max_length)
-        summary.value = f"<b>{html.escape(rows[index]['subject'])}</b>: {view['summary']}"
+        summary.value = f"<b>{_shown(rows[index]['subject'])}</b>: {view['summary']}"
         mask.value = view["mask"]
-        text.value = f'<pre style="{PRE}">{html.escape(view["text"])}</pre>'
-        raw.value = f'<pre style="{PRE}">{html.escape(view["raw"])}</pre>'
+        text.value = f'<pre style="{PRE}">{_shown(view["text"])}</pre>'
+        raw.value = f'<pre style="{PRE}">{_shown(view["raw"])}</pre>'
 
     slider.observe(lambda change: show(change["new"]), names="value")
     show(0)

@@ -18,10 +18,10 @@ from pathlib import Path
 import nbformat
 
 from helpers import ROOT
+from helpers.launch import fork_run
 from helpers.runfolder import RunFolder
 from helpers.solutions import load_answers
 from helpers.steps import STEPS, TRAIN
-from helpers.train import fork_run
 
 RUN_NAME = "smoke"
 
@@ -68,7 +68,7 @@ def run_chain(base: Path) -> Chain:
     write_checked_copies(copies)
     canaries = {name: f"canary-{name}-{uuid.uuid4().hex}" for name in ("HF_TOKEN", "OPENAI_API_KEY")}
     env = {**os.environ, **canaries, "LLM_SCHOOL_RUNS": str(base), "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "helpers.run", "--profile", "cpu-smoke", "--run-name", RUN_NAME]
+    command = [sys.executable, "-m", "helpers.runner", "--profile", "cpu-smoke", "--run-name", RUN_NAME]
     done = subprocess.run(
         [*command, "--log-output", "--notebooks", str(copies)],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800,
@@ -78,6 +78,6 @@ def run_chain(base: Path) -> Chain:
 
 def fork_through_training(chain: Chain, name: str) -> RunFolder:
     """A sibling of the shared chain's run folder holding its steps 00-05 (data to trained adapter), for a test that
-    writes into a run (`helpers.train.fork_run`, as lesson 09 forks its launches)."""
-    names = [step for step, declared in STEPS.items() if declared.in_chain]
-    return fork_run(RunFolder(chain.run_dir, "cpu-smoke"), name, tuple(names[: names.index(TRAIN.name) + 1]))
+    writes into a run (`helpers.launch.fork_run`, as lesson 09 forks its launches)."""
+    chain_steps = [step for step in STEPS if step.in_chain]
+    return fork_run(RunFolder(chain.run_dir, "cpu-smoke"), name, tuple(chain_steps[: chain_steps.index(TRAIN) + 1]))

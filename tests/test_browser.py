@@ -10,7 +10,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ import pytest
 from smoke_chain import fork_through_training
 
 from helpers import ROOT
+from helpers.serve import free_port
+from helpers.steps import DATASET, INFER
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 OUTPUT = Path(os.environ.get("LLM_SCHOOL_TEST_OUTPUT", ROOT / "runs" / "test-output")) / "browser"
@@ -40,12 +41,6 @@ if _missing() and os.environ.get("LLM_SCHOOL_REQUIRE_BROWSER"):
 pytestmark = [pytest.mark.browser, pytest.mark.skipif(bool(_missing()), reason=_missing())]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, smoke_chain):
     """Steps 00-05 of the session's cpu-smoke chain, and JupyterLab serving copies of 03 and 06 pointed at them."""
@@ -56,14 +51,14 @@ def lab(tmp_path_factory, smoke_chain):
     os.environ["LLM_SCHOOL_RUNS"] = str(run.root.parent)  # JupyterLab's kernels find the run folder here
     served = base / "lab"
     served.mkdir()
-    for name in ("03_format_white_rabbit", "06_infer"):
+    for name in (DATASET.notebook, INFER.notebook):
         nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
         params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
         params.source = params.source.replace('PROFILE = "cpu-lab"', 'PROFILE = "cpu-smoke"').replace(
             'RUN_NAME = "cpu-lab"', 'RUN_NAME = "browser"'
         )
         nbformat.write(nb, served / f"{name}.ipynb")
-    port, token = _free_port(), secrets.token_hex(16)
+    port, token = free_port(), secrets.token_hex(16)
     env = {k: v for k, v in os.environ.items() if k != "LLM_SCHOOL_HEADLESS"}  # a learner's interactive kernel
     # All cells rendered at all times (JupyterLab otherwise detaches cells scrolled out of view mid-test).
     settings = base / "settings" / "@jupyterlab" / "notebook-extension"
@@ -158,7 +153,7 @@ def test_dataset_browser_renders_and_follows_the_slider(browser, lab):
 
 
 def test_chat_panel_answers_a_typed_question(browser, lab):
-    page = open_and_run_all(browser, lab, "06_infer")
+    page = open_and_run_all(browser, lab, INFER.notebook)
     panel = page.locator(".llm-school-chat-panel")
     panel.wait_for(timeout=240_000)
     output(page, "06 self-check passed").wait_for(timeout=240_000)

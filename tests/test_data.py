@@ -245,3 +245,67 @@ def test_eval_data_honours_on_error_and_the_length_limit(tmp_path, smoke, tokeni
     kept = loaded.examples[1]
     assert len(loaded.examples) == 2 and 0 < len(kept["completion"][0]["content"].split()) < 2000
     assert len(tokenize_example(tokenizer, kept)["input_ids"]) <= smoke.model.max_seq_length
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_not_json_numbers(tmp_path, constant):
+    other = {**ROW, "instruction": "What is a pepper?"}
+    row = json.dumps({**ROW, "chunk": 0})[:-1].replace('"chunk": 0', f'"chunk": {constant}') + "}"
+    path = write_jsonl(tmp_path / "d.jsonl", [other, row])
+    with pytest.raises(DataError, match=rf"d.jsonl, line 2: not usable JSON \({constant} is not a JSON number\)"):
+        load_rows(path)
+    (tmp_path / "d.json").write_text(f"[{json.dumps(other)}, {row}]")
+    with pytest.raises(DataError, match=rf"d.json: not usable JSON \({constant} is not a JSON number\)"):
+        load_rows(str(tmp_path / "d.json"))
+
+
+def test_a_parquet_nan_is_a_named_problem(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    other = {**ROW, "instruction": "What is a pepper?", "chunk": 1.0}
+    pq.write_table(pa.Table.from_pylist([other, {**ROW, "chunk": float("nan")}]), tmp_path / "rows.parquet")
+    with pytest.raises(DataError, match=r"rows.parquet, row 2: field 'chunk' is nan, not a finite number"):
+        load_rows(str(tmp_path / "rows.parquet"))
+
+
+@pytest.mark.parametrize("char", ["\u202e", "\u2066", "\x1b", "\x00", "\x85"])
+def test_bidi_overrides_and_control_characters_are_a_named_problem(tmp_path, char):
+    other = {**ROW, "instruction": "What is a pepper?"}
+    path = write_jsonl(tmp_path / "d.jsonl", [other, {**ROW, "response": f"Use {char}a salt."}])
+    shown = f"\\\\u{ord(char):04x}"
+    message = rf"line 2: field 'response' holds the invisible control character {shown} at position 4: it can make"
+    with pytest.raises(DataError, match=message):
+        load_rows(path)
+    loaded = load_rows(path, on_error="skip")
+    assert loaded.skipped() == {"control character": 1} and len(loaded.rows) == 1
+    # tabs, line breaks and ordinary non-Latin text are no problem
+    fine = {**ROW, "response": "Line one,\r\n\tline two: \u0645\u0644\u062d and \u00e9t\u00e9."}
+    assert load_rows(write_jsonl(tmp_path / "ok.jsonl", [fine])).rows[0]["response"] == fine["response"]
+
+
+def test_a_line_over_the_limit_is_refused_without_parsing_it(tmp_path, monkeypatch):
+    import helpers.data
+
+    other = {**ROW, "instruction": "What is a pepper?"}
+    huge = json.dumps({**ROW, "response": "x" * 3_000_000})  # 3 MB: over the 1 MB limit
+    path = write_jsonl(tmp_path / "d.jsonl", [ROW, huge, other])
+    parsed = []
+    monkeypatch.setattr(helpers.data, "_loads", lambda text: parsed.append(len(text)) or json.loads(text))
+    limit = r"3,000,\d+ bytes long, over the limit of 1,000,000 bytes for one row"
+    with pytest.raises(DataError, match=rf"d.jsonl, line 2: {limit}"):
+        load_rows(path)
+    loaded = load_rows(path, on_error="skip")
+    assert [r["where"][-6:] for r in loaded.rows] == ["line 1", "line 3"] and loaded.skipped() == {"line too long": 1}
+    assert max(parsed) < 1_000  # the long line never reached the JSON parser
+
+
+def test_a_line_just_under_the_limit_and_a_last_line_without_newline_are_read(tmp_path):
+    from helpers.data import MAX_LINE_BYTES
+
+    fill = MAX_LINE_BYTES - len(json.dumps({**ROW, "response": ""}))
+    at_limit = json.dumps({**ROW, "response": "y" * fill})
+    assert len(at_limit) == MAX_LINE_BYTES
+    path = tmp_path / "d.jsonl"
+    path.write_text(at_limit + "\r\n" + json.dumps({**ROW, "instruction": "What is a pepper?"}))
+    assert len(load_rows(str(path)).rows) == 2

@@ -140,14 +140,14 @@ def test_start_lesson_imports_unsloth_before_transformers(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    from helpers.llama_shapes import build
     from helpers.model import EMBEDDED, resolve_model
+    from tools.llama_shapes import build
 
     return build("tiny", tmp_path_factory.mktemp("models") / "tiny", resolve_model(EMBEDDED))
 
 
 def test_llama_shapes_match_llama_31_8b():
-    from helpers.llama_shapes import parameter_count
+    from tools.llama_shapes import parameter_count
 
     assert parameter_count("llama31-8b") == 8_030_261_248  # Llama 3.1 8B's published parameter count
 

@@ -77,7 +77,8 @@ def test_answers_table_escapes_model_and_data_text():
 def test_local_generator_batches_its_questions_and_answers(embedded):
     import json
 
-    from helpers.prepare import Chunk, LocalGenerator
+    from helpers.documents import Chunk
+    from helpers.prepare import LocalGenerator
 
     model, tokenizer = embedded
     calls = []

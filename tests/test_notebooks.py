@@ -12,10 +12,35 @@ from helpers.backend import cuda_available
 from helpers.data import load_rows
 from helpers.exercises import EXERCISES, results
 from helpers.profiles import load_profile
-from helpers.run import NOTEBOOKS_DIR, main, notebooks
 from helpers.runfolder import RunFolder
+from helpers.runner import NOTEBOOKS_DIR, main, notebooks
 from helpers.secrets import SECRET_NAMES
-from helpers.steps import PAIRS, SPLITS, STEPS, adapter_dir, load_log_history, load_report
+from helpers.steps import (
+    ADAPTER,
+    APPENDIX_A1,
+    CHAIN,
+    DATASET,
+    EVAL,
+    EXPORT,
+    INFER,
+    MERGED,
+    MODEL,
+    MODELFILE,
+    PAIRS,
+    PEFT,
+    PREPARED,
+    REPORT_MD,
+    SPLITS,
+    STEPS,
+    TRAIN,
+    TRAINER,
+    adapter_dir,
+    executed_dir,
+    figure_name,
+    gguf_name,
+    load_log_history,
+    load_report,
+)
 
 NOTEBOOKS = sorted(Path(__file__).resolve().parent.parent.joinpath("notebooks").glob("*.ipynb"))
 
@@ -31,12 +56,12 @@ def test_notebook_is_committed_clean_with_one_parameters_cell(path):
     assert nb.cells[0].cell_type == "markdown" and "Learning objectives" in nb.cells[0].source
 
 
-CHAIN = [step.notebook for step in STEPS.values() if step.in_chain]
+CHAIN_NOTEBOOKS = [step.notebook for step in CHAIN]
 
 
 def test_every_step_has_its_notebook():
-    assert [p.stem for p in notebooks()] == CHAIN
-    assert all((NOTEBOOKS_DIR / f"{step.notebook}.ipynb").is_file() for step in STEPS.values())
+    assert [p.stem for p in notebooks()] == CHAIN_NOTEBOOKS
+    assert all((NOTEBOOKS_DIR / f"{step.notebook}.ipynb").is_file() for step in STEPS)
 
 
 def all_finite(value) -> bool:
@@ -48,41 +73,40 @@ def all_finite(value) -> bool:
 
 
 def manifests(run_dir: Path, profile: str) -> dict:
-    found = {s: json.loads((run_dir / s / "manifest.json").read_text()) for s, step in STEPS.items() if step.in_chain}
+    found = {step: RunFolder(run_dir, profile).require(step) for step in CHAIN}
     assert all(m["profile"] == profile for m in found.values())
     return found
 
 
 def check_chain(run_dir: Path, m: dict) -> None:
-    run = RunFolder(run_dir, m["01_model"]["profile"])
-    pairs = load_rows(str(run.path("00_prepared") / PAIRS)).rows  # notebook 00's output validates
-    assert pairs and len(pairs) == m["00_prepared"]["pairs_kept"] and all(p["where"] for p in pairs)
-    assert m["01_model"]["baseline"]["answer"].strip()
-    assert m["02_peft"]["trainable_share"] < 0.05
-    assert (run.path("03_dataset") / SPLITS / "train").is_dir()
-    assert m["03_dataset"]["eval_rows"] > 0
-    assert math.isfinite(m["04_trainer"]["dry_step_loss"])
-    train = m["05_train"]
-    assert Path(train["adapter_dir"]) == adapter_dir(run)
+    run = RunFolder(run_dir, m[MODEL]["profile"])
+    pairs = load_rows(str(run.path(PREPARED) / PAIRS)).rows  # notebook 00's output validates
+    assert pairs and len(pairs) == m[PREPARED]["pairs_kept"] and all(p["where"] for p in pairs)
+    assert m[MODEL]["baseline"]["answer"].strip()
+    assert m[PEFT]["trainable_share"] < 0.05
+    assert (run.path(DATASET) / SPLITS / "train").is_dir()
+    assert m[DATASET]["eval_rows"] > 0
+    assert math.isfinite(m[TRAINER]["dry_step_loss"])
+    train = m[TRAIN]
+    assert "adapter_dir" not in train, "no absolute path of this machine in a manifest"
     assert (adapter_dir(run) / "adapter_model.safetensors").is_file()
     assert load_log_history(run)[-1]["step"] == train["steps"]
     for key in ("eval_loss_before", "eval_loss_after", "train_loss_first", "train_loss_last"):
         assert math.isfinite(train[key]), key
-    assert m["06_infer"]["first_tuned_answer"].strip()
+    assert m[INFER]["first_tuned_answer"].strip()
     report = load_report(run)
     assert {"loss", "generation", "forgetting", "headline", "dataset", "eval_rows"} <= set(report)
     for name in ("base", "tuned"):
         assert set(report["generation"]["scores"][name]) >= {"rougeL", "bleu", "chrf", "token_f1", "stopped_rate"}
     assert all_finite(report), "every number in the report must be finite"
-    assert (run_dir / "07_eval" / "report.md").read_text().startswith("# Evaluation")
-    assert (run_dir / "07_eval" / "metrics.png").is_file()
-    export = m["08_export"]  # notebook 08's self-check already stopped on a failed round trip
+    assert (run.path(EVAL) / REPORT_MD).read_text().startswith("# Evaluation")
+    assert (run.path(EVAL) / figure_name("metrics")).is_file()
+    export = m[EXPORT]  # notebook 08's self-check already stopped on a failed round trip
     assert set(export["round_trip"]) == {"f16", "q8_0"} and export["speed_tokens_per_second"]
     assert export["sizes_mb"]["q8_0"] < export["sizes_mb"]["f16"] < export["sizes_mb"]["merged"]
-    assert all((run_dir / "08_export" / f).exists() for f in ("model-q8_0.gguf", "Modelfile", "merged", "adapter"))
-    assert export["published"] is False  # publishing is off without publish.repo_id
-    executed = sorted((run_dir / "executed").glob("*.ipynb"))
-    assert [p.stem for p in executed] == CHAIN
+    assert all((run.path(EXPORT) / f).exists() for f in (gguf_name("q8_0"), MODELFILE, MERGED, ADAPTER))
+    executed = sorted(executed_dir(run).glob("*.ipynb"))
+    assert [p.stem for p in executed] == CHAIN_NOTEBOOKS
     verdicts = results(run)
     assert set(verdicts) == set(EXERCISES), "every notebook's exercise check ran"
 
@@ -101,7 +125,7 @@ def test_all_notebooks_run_in_order_under_cpu_smoke_and_never_show_a_token(smoke
     run_dir = smoke_chain.run_dir
     check_chain(run_dir, manifests(run_dir, "cpu-smoke"))
     assert "eval loss before -> after" in smoke_chain.output and "total" in smoke_chain.output
-    first = (run_dir / "executed" / "01_load_model.ipynb").read_text()
+    first = (executed_dir(RunFolder(run_dir, "cpu-smoke")) / f"{MODEL.notebook}.ipynb").read_text()
     assert "'HF_TOKEN': 'set (value hidden)'" in first
     files = [p for p in run_dir.rglob("*") if p.is_file()]
     assert len(files) > 20
@@ -113,7 +137,7 @@ def test_all_notebooks_run_in_order_under_cpu_smoke_and_never_show_a_token(smoke
 
 def test_student_answers_say_not_answered_and_every_solution_checks_correct(smoke_chain):
     """Each exercise ran twice in the chain: the student's empty answer, then the worked solution."""
-    executed = "".join(p.read_text() for p in (smoke_chain.run_dir / "executed").glob("*.ipynb"))
+    executed = "".join(p.read_text() for p in executed_dir(RunFolder(smoke_chain.run_dir, "cpu-smoke")).glob("*.ipynb"))
     for exercise in EXERCISES:
         assert f"Exercise {exercise}: not answered yet." in executed, f"{exercise}: the student's path did not run"
     assert results(RunFolder(smoke_chain.run_dir, "cpu-smoke")) == {e: "correct" for e in EXERCISES}
@@ -149,7 +173,7 @@ def check_hostile_rows_are_escaped(runs: Path, run_name: str) -> None:
     hostile.write_text("".join(json.dumps(r) + "\n" for r in rows))
     executed = runs / "07_hostile.ipynb"
     pm.execute_notebook(
-        str(NOTEBOOKS_DIR / "07_evaluate.ipynb"), str(executed),
+        str(NOTEBOOKS_DIR / f"{EVAL.notebook}.ipynb"), str(executed),
         parameters={"PROFILE": "cpu-smoke", "RUN_NAME": run_name, "EVAL_DATA": str(hostile)},
         cwd=str(NOTEBOOKS_DIR), kernel_name="python3",
     )  # fmt: skip
@@ -166,13 +190,13 @@ def test_appendix_compares_trainer_and_sfttrainer(runs):
 
     run = RunFolder(runs / "appendix", "cpu-smoke")
     pm.execute_notebook(
-        str(NOTEBOOKS_DIR / "A1_trainer_vs_sfttrainer.ipynb"),
+        str(NOTEBOOKS_DIR / f"{APPENDIX_A1.notebook}.ipynb"),
         str(runs / "A1.ipynb"),
         parameters={"PROFILE": "cpu-smoke", "RUN_NAME": "appendix", "ROWS": 8, "STEPS": 2},
         cwd=str(NOTEBOOKS_DIR),
         kernel_name="python3",
     )
-    result = run.require("A1_trainer_vs_sft")
+    result = run.require(APPENDIX_A1)
     assert result["plain_trainer_trained_tokens"] > result["sft_trained_tokens"] > 0
     assert result["packed_sequences"] < result["examples"]
     losses = result["answer_loss"]

@@ -89,3 +89,24 @@ def test_a_child_overrides_its_parent_and_keeps_the_rest():
     assert gpu.name == "gpu-80gb" and gpu.description != lab.description
     assert "base" not in list_profiles(), "base holds shared values; it is not a profile to run"
     assert load_profile("cpu-lab").infer.system_prompt == load_profile("rtx4090").infer.system_prompt
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"train": {"learning_rate": float("inf")}}, "train.learning_rate"),  # passes gt=0
+        ({"train": {"weight_decay": float("inf")}}, "train.weight_decay"),  # passes ge=0
+        ({"export": {"near_tie": float("inf")}}, "export.near_tie"),  # passes gt=0
+        ({"distributed": {"launcher_config": "x.yaml", "min_gpu_memory_gib": float("inf")}}, "min_gpu_memory_gib"),
+    ],
+)
+def test_nan_and_infinity_are_refused(overrides, field):
+    with pytest.raises(ProfileError, match=rf"{field}: Input should be a finite number"):
+        load_profile("cpu-smoke", overrides)
+
+
+def test_yaml_nan_and_inf_in_a_profile_file_are_refused(tmp_path):
+    path = tmp_path / "odd.yaml"
+    path.write_text("extends: cpu-smoke\nname: odd\ndescription: x\ntrain:\n  learning_rate: .inf\n")
+    with pytest.raises(ProfileError, match=r"odd.yaml is invalid: train.learning_rate: Input should be a finite"):
+        load_profile(path)

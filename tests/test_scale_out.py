@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,8 +18,10 @@ import pytest
 import yaml
 
 from helpers import ROOT
+from helpers.launch import launch_command, rank_lines
 from helpers.memory import LLAMA31, accelerate_estimate, estimate, parameter_counts
 from helpers.profiles import list_profiles, load_profile
+from helpers.serve import free_port
 from helpers.train import RESULT_PREFIX, UnsupportedSetupError, check_stack, parse_overrides
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -31,12 +32,6 @@ STEPS = 3
 # Same rows per step, same seed, fp32: a resumed run and an unbroken one differ at most in summation order, which
 # moves fp32 losses by ~1e-6.
 LOSS_TOLERANCE = 1e-4  # relative
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(runs: Path) -> dict[str, str]:
@@ -62,7 +57,7 @@ def _command(name: str, *extra: str, script: list[str] | None = None, evaluate: 
     target = script or ["-m", "helpers.train"]
     config = str(ROOT / "configs" / "accelerate" / "cpu-2proc.yaml")
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
-            "--main_process_port", str(_port()), "--num_cpu_threads_per_process", "1", *target, *args]  # fmt: skip
+            "--main_process_port", str(free_port()), "--num_cpu_threads_per_process", "1", *target, *args]  # fmt: skip
 
 
 def _result(output: str) -> dict:
@@ -202,3 +197,16 @@ def test_overrides_parse_as_yaml_values():
     assert parse_overrides(["train.max_steps=8", "train.eval_steps=null"]) == {
         "train": {"max_steps": 8, "eval_steps": None}
     }
+
+
+def test_a_launch_command_names_its_processes_and_a_port_of_its_own():
+    one = launch_command("cpu-smoke", "r", 1, "--no-eval")
+    assert one[1:] == ["-m", "helpers.train", "--profile", "cpu-smoke", "--run-name", "r", "--no-eval"]
+    two = launch_command("cpu-smoke", "r", 2)
+    assert two[two.index("--num_processes") + 1] == "2" and two[-6:-4] == ["-m", "helpers.train"]
+    assert two[two.index("--main_process_port") + 1].isdigit()
+
+
+def test_rank_lines_split_a_shared_pipe_by_process():
+    log = "[rank 0/2] step 1 loss 1.0[rank 1/2] step 1 loss 1.0\nwarning\n[rank 1/2] saved\n"
+    assert rank_lines(log) == {0: ["step 1 loss 1.0"], 1: ["step 1 loss 1.0", "saved"]}

@@ -4,12 +4,15 @@ whether the block ends, fails, the object is dropped, or the parent process is k
 from __future__ import annotations
 
 import gc
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -118,3 +121,86 @@ def test_server_that_cannot_load_shows_its_log_and_is_gone(tmp_path: Path) -> No
 def test_missing_gguf_is_named(tmp_path: Path) -> None:
     with pytest.raises(ServerError, match="No GGUF file"):
         LlamaServer(tmp_path / "none.gguf")
+
+
+# ---- without llama.cpp: a tiny HTTP server stands in for it ------------------------------------------------------
+
+CANARY = "hf_canary_instructor_token_7731"
+
+
+class _FakeLlama(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self._reply({"status": "ok"})
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self._reply({"tokens": [len(body["content"])]})
+
+    def _reply(self, value: dict) -> None:
+        data = json.dumps(value).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _FakeProcess:
+    """Stands in for the server's child process: records its environment and keeps running."""
+
+    env: dict[str, str] = {}
+
+    def __init__(self, command: list[str], **kwargs: object) -> None:
+        _FakeProcess.env = kwargs["env"]  # type: ignore[assignment]
+        self.pid, self.returncode = 0, None
+
+    def poll(self) -> None:
+        return None
+
+    def terminate(self) -> None:
+        pass
+
+    def wait(self, timeout: float | None = None) -> int:
+        return 0
+
+
+@pytest.fixture
+def fake_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A LlamaServer whose child is `_FakeProcess` and whose HTTP side is `_FakeLlama`, behind a dead proxy."""
+    import helpers.serve
+
+    http = ThreadingHTTPServer(("127.0.0.1", 0), _FakeLlama)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    dead_proxy = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, dead_proxy)
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(helpers.serve, "free_port", lambda host: http.server_port)
+    monkeypatch.setattr(helpers.serve.subprocess, "Popen", _FakeProcess)
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    yield LlamaServer(gguf, threads=1, startup_seconds=5)
+    http.shutdown()
+
+
+def test_local_requests_bypass_proxies(fake_server: LlamaServer) -> None:
+    """With http_proxy set to a dead port, the health check, a POST and tokenize still reach the local server."""
+    with fake_server.start() as server:
+        assert server.get("/health") == {"status": "ok"}
+        assert server.tokenize("four") == [4]
+        assert server.post("/v1/chat/completions", {"content": "ab"}) == {"tokens": [2]}
+
+
+def test_the_server_process_gets_no_secrets_or_stored_logins(fake_server: LlamaServer, monkeypatch) -> None:
+    for name in ("HF_TOKEN", "OPENAI_API_KEY", "PGPASSWORD", "CI_JOB_JWT", "SENTRY_DSN"):
+        monkeypatch.setenv(name, CANARY)
+    monkeypatch.setenv("DATABASE_URL", f"postgres://app:{CANARY}@db/app")
+    with fake_server.start():
+        env = _FakeProcess.env
+    assert CANARY not in json.dumps(env) and env["HF_HUB_DISABLE_IMPLICIT_TOKEN"] == "1"
+    assert env["HF_TOKEN_PATH"] == str(fake_server.log_file.parent / ".no-stored-login")
+    assert not Path(env["HF_TOKEN_PATH"]).exists() and str(ROOT) in env["PYTHONPATH"]

@@ -22,3 +22,12 @@ def test_dataset_browser_escapes_every_text_from_a_row(tokenizer):
     page = "".join(shown)
     assert "&lt;script&gt;" in page and "&lt;img src=x onerror=alert(1)&gt;" in page  # the text, shown as text
     assert page.count("&lt;/script&gt;") >= 3  # summary subject, formatted text, raw row (mask splits tokens)
+
+
+def test_dataset_browser_shows_bidi_overrides_and_control_characters_escaped(tokenizer):
+    sneaky = "rm -rf \u202e/ txt.exe\u202c and \x1b[2J"
+    row = {"subject": "sub\u2066ject", "system": "", "instruction": sneaky, "response": f"ok {sneaky}"}
+    browser = dataset_browser([row, row], tokenizer, 384)
+    page = "".join(_html_values(browser))
+    assert not any(char in page for char in "\u202e\u202c\u2066\x1b"), "an invisible character reached the page"
+    assert "\\u202e" in page and "\\u202c" in page and "sub\\u2066ject" in page and "\\u001b[2J" in page

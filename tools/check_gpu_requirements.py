@@ -41,7 +41,7 @@ def resolve(python: str, requirements: Path, pip_version: str) -> tuple[int, dic
         subprocess.run([python, "-m", "venv", str(venv)], check=True)
         pip = [str(venv / "bin" / "python"), "-m", "pip"]
         subprocess.run([*pip, "install", "-q", f"pip=={pip_version}"], check=True)
-        report = Path(tmp) / "report.json"
+        report = Path(tmp) / "pip-report.json"
         done = subprocess.run([*pip, "install", "--dry-run", "--ignore-installed", "--report", str(report),
                                "-r", str(requirements)], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
         data = json.loads(report.read_text()) if report.is_file() else None

@@ -7,7 +7,7 @@ library per CUDA version. This script downloads each wheel the workbook needs (a
 the machine has), removes those parts, and writes:
 
     .bundle/wheels/*.whl     installed there with pip install --no-index --no-deps --target /tmp/site
-    .bundle/tokenizer/       the embedded model's tokenizer, for the Llama-shaped test models (llama_shapes.py)
+    .bundle/tokenizer/       the embedded model's tokenizer, for the Llama-shaped test models (tools/llama_shapes.py)
 
 Then `tools/gpu_device.sh` runs the benchmark and the notebooks there (see benchmarks/README.md).
 """

@@ -20,8 +20,8 @@ bench() {
     2> >(tail -c 20000 > "$out/bench-$1.stderr.txt") | tee "$out/bench-$1.txt"
 }
 notebooks() {
-  python3 -m helpers.llama_shapes tiny .cache/gpu-smoke-llama --tokenizer .bundle/tokenizer --device cuda
-  LLM_SCHOOL_RUNS=/tmp/runs python3 -m helpers.run --profile gpu-smoke --run-name gpu-smoke --only 01 02 03 04 05 06 \
+  python3 -m tools.llama_shapes tiny .cache/gpu-smoke-llama --tokenizer .bundle/tokenizer --device cuda
+  LLM_SCHOOL_RUNS=/tmp/runs python3 -m helpers.runner --profile gpu-smoke --run-name gpu-smoke --only 01 02 03 04 05 06 \
     2>&1 | tee "$out/notebooks.txt"
   tar -czf "$out/gpu-smoke-run.tar.gz" -C /tmp/runs gpu-smoke
 }

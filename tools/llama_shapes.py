@@ -3,6 +3,8 @@
 Random weights do the same work as trained ones (same shapes, same kernels), so they serve for speed and
 memory. `llama31-8b` is Llama 3.1 8B's published configuration; `tiny` is a 4-layer model with the embedded
 SmolLM2 tokenizer, small enough to build in seconds, for running the notebooks' GPU path (profile gpu-smoke).
+
+    python -m tools.llama_shapes tiny .cache/gpu-smoke-llama --tokenizer .bundle/tokenizer --device cuda
 """
 
 from __future__ import annotations

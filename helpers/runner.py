@@ -1,7 +1,7 @@
 """Run the workbook headlessly: every notebook in order with papermill, then a summary.
 
-    python -m helpers.run --profile cpu-lab            # what `make demo` does
-    python -m helpers.run --profile cpu-smoke --run-name smoke --only 01 02
+    python -m helpers.runner --profile cpu-lab            # what `make demo` does
+    python -m helpers.runner --profile cpu-smoke --run-name smoke --only 01 02
 
 Executed copies go to runs/<name>/executed/, never back into notebooks/.
 """
@@ -20,7 +20,7 @@ from helpers import ROOT
 from helpers.exercises import results
 from helpers.profiles import ProfileError, load_profile
 from helpers.runfolder import RUN_LOCK, RunFolder, RunInUseError, RunNameError
-from helpers.steps import STEPS
+from helpers.steps import CHAIN, DATASET, EVAL, MODEL, PREPARED, TRAIN, adapter_dir, executed_dir
 
 NOTEBOOKS_DIR = ROOT / "notebooks"
 
@@ -32,11 +32,27 @@ class NotebookFailed(RuntimeError):
 def notebooks(only: list[str] | None = None, folder: Path = NOTEBOOKS_DIR) -> list[Path]:
     """The ordered notebooks that write a step (from `folder`: a learner's copies, say), optionally only those whose
     name starts with one of `only`."""
-    names = [step.notebook for step in STEPS.values() if step.in_chain]
+    names = [step.notebook for step in CHAIN]
     found = [folder / f"{name}.ipynb" for name in names if (folder / f"{name}.ipynb").is_file()]
     if only:
         found = [p for p in found if any(p.stem.startswith(prefix) for prefix in only)]
     return found
+
+
+def papermill_run(notebook: Path, executed: Path, profile_arg: str, run_name: str, **options: Any) -> None:
+    """The one papermill call of the chain runner and the class runner: the notebook with its profile and run
+    name injected, executed in notebooks/ into `executed` (options: progress_bar, log_output, execution_timeout)."""
+    import papermill as pm
+
+    options.setdefault("progress_bar", False)
+    pm.execute_notebook(
+        str(notebook),
+        str(executed),
+        parameters={"PROFILE": profile_arg, "RUN_NAME": run_name},
+        cwd=str(NOTEBOOKS_DIR),
+        kernel_name="python3",
+        **options,
+    )
 
 
 def execute(notebook: Path, run: RunFolder, profile_name: str, log_output: bool = False) -> float:
@@ -45,20 +61,13 @@ def execute(notebook: Path, run: RunFolder, profile_name: str, log_output: bool 
 
     os.environ["LLM_SCHOOL_HEADLESS"] = "1"  # the kernel inherits it: widgets stay quiet, nothing waits for a click
     os.environ["LLM_SCHOOL_RUNS"] = str(run.root.parent)  # so the kernel finds the run folder by its plain name
-    executed = run.record("executed") / notebook.name
+    executed = executed_dir(run) / notebook.name
     executed.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     quiet = None if log_output else _kernel_stderr_to(executed.with_suffix(".kernel.log"))
     try:
-        pm.execute_notebook(
-            str(notebook),
-            str(executed),
-            parameters={"PROFILE": profile_name, "RUN_NAME": run.root.name},
-            cwd=str(NOTEBOOKS_DIR),
-            kernel_name="python3",
-            progress_bar=log_output,  # the plain run prints one line per notebook
-            log_output=log_output,
-        )
+        # the plain run prints one line per notebook; --log-output streams the cells
+        papermill_run(notebook, executed, profile_name, run.root.name, progress_bar=log_output, log_output=log_output)
     except pm.PapermillExecutionError as err:
         raise NotebookFailed(
             f"{notebook.stem} failed in cell {err.exec_count} (cell index {err.cell_index}): "
@@ -85,15 +94,23 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _relative(path: Path) -> str:
+    """A path as the project sees it (runs/<name>/...), not this machine's absolute path."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def summary(run: RunFolder, seconds: dict[str, float]) -> str:
     """A plain-text table of what the run produced, from the step manifests."""
     m = run.manifests()
-    lines = [f"Run folder: {run.root}   profile: {run.profile_name}", ""]
-    model = m.get("01_model", {}).get("model", {})
-    data = m.get("03_dataset", {})
-    train = m.get("05_train", {})
-    evaluation = m.get("07_eval", {})
-    prepared = m.get("00_prepared", {})
+    lines = [f"Run folder: {_relative(run.root)}   profile: {run.profile_name}", ""]
+    model = m.get(MODEL.name, {}).get("model", {})
+    data = m.get(DATASET.name, {})
+    train = m.get(TRAIN.name, {})
+    evaluation = m.get(EVAL.name, {})
+    prepared = m.get(PREPARED.name, {})
     facts = {
         "00 pairs written": f"{prepared.get('pairs_kept', '?')} from {prepared.get('documents', '?')} documents "
         f"({prepared.get('backend', '?')} generator)",
@@ -114,7 +131,7 @@ def summary(run: RunFolder, seconds: dict[str, float]) -> str:
         "07 general Qs ROUGE-L": f"{_fmt(evaluation.get('forgetting_rougeL_base'))} -> "
         f"{_fmt(evaluation.get('forgetting_rougeL_tuned'))}",
         "exercises": ", ".join(f"{n} {v}" for v, n in Counter(results(run).values()).items()) or "none checked",
-        "adapter folder": train.get("adapter_dir", "not trained"),
+        "adapter folder": _relative(adapter_dir(run)) if train else "not trained",
     }
     width = max(map(len, facts))
     lines += [f"  {key:<{width}}  {value}" for key, value in facts.items()]
