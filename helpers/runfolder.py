@@ -188,6 +188,8 @@ class RunFolder:
         """Every completed step's manifest, by step folder, in folder order (the steps are numbered)."""
         found = {}
         for path in sorted(self.root.glob(f"*/{MANIFEST}")):
+            if path.parent.name.startswith("."):
+                continue  # a staged or replaced copy, not a step
             try:
                 found[path.parent.name] = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
@@ -200,11 +202,35 @@ class RunFolder:
         return self.root / f".{name}.lock"
 
     def _holder(self, name: str) -> int | None:
-        """The pid written in lock `name`'s file (0 when unreadable): read only once its flock is known to be held."""
+        """The pid written in lock `name`'s file (0 when unreadable), read once its lock is known to be held; the
+        holder writes it just after locking, so an empty file is read again for a moment."""
+        for _ in range(20):
+            try:
+                if pid := int(self._lock_file(name).read_text().strip() or 0):
+                    return pid
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.01)
+        return 0
+
+    def _is_free(self, name: str) -> bool:
+        """Whether no other process holds lock `name`, asked with a shared lock for a moment: several processes may
+        ask at once (two kernels beginning different steps both look at the chain's lock) without refusing each
+        other."""
+        path = self._lock_file(name)
+        if str(path) in _HELD:
+            return True
         try:
-            return int(self._lock_file(name).read_text().strip() or 0)
-        except (OSError, ValueError):
-            return 0
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)  # closing releases the shared lock
 
     def _acquire(self, name: str) -> bool:
         """Take lock `name` for this process (True), or learn that another process holds it (False)."""
@@ -220,11 +246,9 @@ class RunFolder:
     def lock(self, name: str) -> None:
         """Take lock `name` (a step's name, or RUN_LOCK). A chain run's lock held by this process or a parent (the
         runner of this kernel) is no obstacle; any other live holder is an error."""
-        for held in dict.fromkeys((RUN_LOCK, name)):
-            ours = str(self._lock_file(held)) in _HELD
-            if self._acquire(held):
-                if held != name and not ours:
-                    self.unlock(held)  # only probed: the chain's lock is free
+        checks = [(RUN_LOCK, self._is_free)] if name != RUN_LOCK else []
+        for held, free in [*checks, (name, self._acquire)]:
+            if free(held):
                 continue
             pid = self._holder(held)
             if pid in _ancestors():

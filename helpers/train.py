@@ -28,7 +28,7 @@ import yaml
 from helpers.backend import HardwareError, check_hardware, cuda_available, uses_unsloth, wants_unsloth
 from helpers.profiles import Profile, ProfileError, load_profile
 from helpers.runfolder import MissingStepError, RunFolder, RunNameError, runs_dir
-from helpers.steps import TRAIN, checkpoints_dir, load_trainable, save_training
+from helpers.steps import TRAIN, checkpoints_dir, load_trainable, save_training, tracking_dir
 
 RESULT_PREFIX = "RESULT "  # the main process's last line: the figures as JSON, for a caller to read
 
@@ -115,7 +115,9 @@ def train(profile: Profile, run_name: str, evaluate: bool = True) -> dict[str, A
     _log(state, f"{state.distributed_type} backend={state.backend} device={state.device} run folder {run.root}")
     model, tokenizer, card, splits = load_trainable(run, profile)
     rank_log = _rank_log_callback(state)
-    trainer = build_trainer(model, tokenizer, splits, profile, checkpoints_dir(run), callbacks=[rank_log])
+    trainer = build_trainer(
+        model, tokenizer, splits, profile, checkpoints_dir(run), callbacks=[rank_log], tracking_dir=tracking_dir(run)
+    )
     batch = profile.train.per_device_train_batch_size
     total = batch * state.num_processes * profile.train.gradient_accumulation_steps
     _log(state, f"{len(splits['train'])} training rows; {batch} rows per step here, {total} per step in all")

@@ -21,7 +21,7 @@ from helpers import ROOT
 from helpers.launch import fork_run
 from helpers.runfolder import RunFolder
 from helpers.solutions import load_answers
-from helpers.steps import STEPS, TRAIN
+from helpers.steps import CHAIN, TRAIN
 
 RUN_NAME = "smoke"
 
@@ -79,5 +79,4 @@ def run_chain(base: Path) -> Chain:
 def fork_through_training(chain: Chain, name: str) -> RunFolder:
     """A sibling of the shared chain's run folder holding its steps 00-05 (data to trained adapter), for a test that
     writes into a run (`helpers.launch.fork_run`, as lesson 09 forks its launches)."""
-    chain_steps = [step for step in STEPS if step.in_chain]
-    return fork_run(RunFolder(chain.run_dir, "cpu-smoke"), name, tuple(chain_steps[: chain_steps.index(TRAIN) + 1]))
+    return fork_run(RunFolder(chain.run_dir, "cpu-smoke"), name, CHAIN[: CHAIN.index(TRAIN) + 1])

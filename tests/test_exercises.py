@@ -10,6 +10,7 @@ from helpers.classroom import init, run_class, table
 from helpers.exercises import EXERCISES, check, results
 from helpers.runfolder import RunFolder
 from helpers.solutions import exercise_ids, load_answers, write_solutions
+from helpers.steps import MODEL
 
 NOTEBOOKS = sorted(Path(__file__).resolve().parent.parent.joinpath("notebooks").glob("*.ipynb"))
 
@@ -78,4 +79,4 @@ def test_classroom_runs_each_learner_and_reports_failures(tmp_path, monkeypatch,
     assert "ValueError: bob was here" in by_name["bob"].failed and "01_load_model" in by_name["bob"].failed
     text = table(outcome)
     assert "| ada | 01 | 1/1 |" in text and "| bob | none | 0/0 |" in text
-    assert by_name["ada"].run.require("01_model")["profile"] == "cpu-smoke"
+    assert by_name["ada"].run.require(MODEL)["profile"] == "cpu-smoke"

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from helpers import ROOT
+from helpers.steps import CHECKPOINTS
 from helpers.trainer import DiskSpaceError, check_disk_space, resumable_checkpoint
 
 MAX_STEPS, SAVE_STEPS = 4, 2
@@ -101,5 +102,5 @@ def test_too_little_disk_for_checkpoints_stops_before_training(tmp_path, monkeyp
     model = torch.nn.Linear(1000, 1000)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10**9, used=10**9, free=2**20))
     with pytest.raises(DiskSpaceError, match=r"Not enough disk space for checkpoints.*save_steps: null"):
-        check_disk_space(tmp_path / "checkpoints", model, profile)
+        check_disk_space(tmp_path / CHECKPOINTS, model, profile)
     check_disk_space(tmp_path, model, load_profile("cpu-smoke"))  # no checkpoints asked for: no check

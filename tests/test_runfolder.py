@@ -192,11 +192,6 @@ def test_two_processes_beginning_a_step_at_once_never_both_win(tmp_path):
     assert time.monotonic() - start < 20
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RunFolder.lock probes the chain's lock with an exclusive flock: of two processes beginning different "
-    "steps at once, one is refused as if a chain run held the folder ('in use by pid ? (a chain run)')",
-)
 def test_two_processes_beginning_different_steps_at_once_both_win(tmp_path):
     outcomes = race(tmp_path, (PEFT, DATASET), trials=20)
     assert [o for o in outcomes if o != ["won", "won"]] == []

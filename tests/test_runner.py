@@ -1,10 +1,14 @@
 """The headless runner's own behaviour, without running the notebooks (those are in test_notebooks.py)."""
 
+import sys
 from pathlib import Path
 
 import helpers.runner
 from helpers.profiles import load_profile
 from helpers.runfolder import RUN_LOCK, RunFolder
+
+sys.path.insert(0, str(Path(__file__).parent))
+from lock_holder import holding  # noqa: E402
 
 
 def test_a_profile_given_as_a_relative_path_reaches_the_kernels_as_an_absolute_one(tmp_path, monkeypatch, capsys):
@@ -22,19 +26,11 @@ def test_a_profile_given_as_a_relative_path_reaches_the_kernels_as_an_absolute_o
 
 
 def test_a_bad_run_name_or_a_busy_run_folder_stops_before_any_notebook(tmp_path, monkeypatch, capsys):
-    import subprocess
-    import sys
-
     monkeypatch.setenv("LLM_SCHOOL_RUNS", str(tmp_path))
     monkeypatch.setattr(helpers.runner, "execute", lambda *a: (_ for _ in ()).throw(AssertionError("ran a notebook")))
     assert helpers.runner.main(["--profile", "cpu-smoke", "--run-name", "../outside"]) == 2
     assert "not a plain folder name" in capsys.readouterr().err
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        RunFolder(tmp_path / "busy", "cpu-smoke")
-        (tmp_path / "busy" / f".{RUN_LOCK}.lock").write_text(str(other.pid))
+    RunFolder(tmp_path / "busy", "cpu-smoke")
+    with holding(tmp_path / "busy", RUN_LOCK) as other:  # another chain run, alive, on the same run folder
         assert helpers.runner.main(["--profile", "cpu-smoke", "--run-name", "busy"]) == 2
-        assert f"in use by pid {other.pid}" in capsys.readouterr().err
-    finally:
-        other.kill()
-        other.wait()
+        assert f"in use by pid {other.pid} (a chain run)" in capsys.readouterr().err

@@ -21,7 +21,9 @@ from helpers import ROOT
 from helpers.launch import launch_command, rank_lines
 from helpers.memory import LLAMA31, accelerate_estimate, estimate, parameter_counts
 from helpers.profiles import list_profiles, load_profile
+from helpers.runfolder import RunFolder
 from helpers.serve import free_port
+from helpers.steps import CHECKPOINTS, TRAIN
 from helpers.train import RESULT_PREFIX, UnsupportedSetupError, check_stack, parse_overrides
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -100,22 +102,22 @@ def test_only_rank_zero_writes_the_run_folder(two, runs):
     assert set(records) == {0, 1}
     inside = {rank: [line.split("\t") for line in lines if line.split("\t")[1].startswith(str(run))]
               for rank, lines in records.items()}  # fmt: skip
-    assert any("/.05_train.partial/" in path for _, path in inside[0]), "rank 0 writes the step folder"
+    assert any(f"/.{TRAIN.name}.partial/" in path for _, path in inside[0]), "rank 0 writes the step folder"
     others = [
         (event, path)
         for event, path in inside[1]
         # opening the run folder asks for it (mkdir, exist_ok: it is there already, made by rank 0 first), and the
         # Trainer's checkpoints hold one RNG state per process: nothing else may come from another process
         if not (event == "os.mkdir" and Path(path) == run)
-        and not re.search(r"/checkpoints/checkpoint-\d+/rng_state_1\.pth$", path)
+        and not re.search(rf"/{CHECKPOINTS}/checkpoint-\d+/rng_state_1\.pth$", path)
     ]
     assert others == [], f"rank 1 wrote into the run folder: {others}"
-    assert json.loads((run / "05_train" / "manifest.json").read_text())["processes"] == 2
+    assert RunFolder(run, "cpu-smoke").require(TRAIN)["processes"] == 2
 
 
 def test_a_killed_two_process_run_resumes_from_its_last_checkpoint(two, runs):
     unbroken, _ = two
-    checkpoints = runs / "killed" / "checkpoints"
+    checkpoints = runs / "killed" / CHECKPOINTS
     # with the evaluations before and after, which once left DDP out of the loop (see helpers/train.py)
     command = _command("killed", "--set", "train.save_steps=1", evaluate=True)
     log = runs / "killed.log"  # a file, not a pipe: nobody reads a pipe while we wait, and a full one would block
@@ -132,7 +134,7 @@ def test_a_killed_two_process_run_resumes_from_its_last_checkpoint(two, runs):
         member.send_signal(signal.SIGKILL)
     psutil.wait_procs(tree, timeout=30)
     process.wait()
-    assert not (runs / "killed" / "05_train").exists()
+    assert not (runs / "killed" / TRAIN.name).exists()
     again = subprocess.run(command, env=_env(runs), capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     resumed = _result(again.stdout)

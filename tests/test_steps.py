@@ -1,6 +1,6 @@
-"""The step contract: each step and each file it hands on is declared once, in helpers/steps.py."""
+"""The step contract: each step and each place in a run folder is declared once, in helpers/steps.py, and
+every step is written through it (tests/test_structure.py checks that no other file spells their names)."""
 
-import re
 from pathlib import Path
 
 import pytest
@@ -13,14 +13,23 @@ HELPERS = Path(steps.__file__).parent
 NOTEBOOKS = HELPERS.parent / "notebooks"
 
 
-def test_each_artifact_name_is_spelled_once_in_helpers_and_never_in_notebooks():
-    names = [steps.PAIRS, steps.SPLITS, steps.ADAPTER, steps.LOG_HISTORY, steps.STATS, steps.SAMPLES, steps.REPORT]
-    code = {p: p.read_text() for p in HELPERS.glob("*.py")}
-    cells = "".join(p.read_text() for p in NOTEBOOKS.glob("*.ipynb"))
-    for name in names:
-        spelled = [p.name for p, text in code.items() for _ in re.finditer(re.escape(f'"{name}"'), text)]
-        assert spelled == ["steps.py"], f"{name!r} spelled in {spelled}"
-        assert f'\\"{name}\\"' not in cells, f"a notebook spells {name!r}; use the helpers in helpers/steps.py"
+def test_each_step_is_declared_once_with_its_notebook():
+    assert isinstance(steps.STEPS, tuple)
+    assert len({s.name for s in steps.STEPS}) == len({s.notebook for s in steps.STEPS}) == len(steps.STEPS)
+    assert all((NOTEBOOKS / f"{s.notebook}.ipynb").is_file() for s in steps.STEPS)
+    assert steps.CHAIN == tuple(s for s in steps.STEPS if s.in_chain) and steps.APPENDIX_A1 not in steps.CHAIN
+    assert [s.name for s in steps.CHAIN] == sorted(s.name for s in steps.CHAIN), "the chain runs in folder order"
+
+
+def test_run_level_places_are_in_the_run_folder_and_not_steps(tmp_path):
+    run = RunFolder(tmp_path / "r", "cpu-smoke")
+    places = [steps.checkpoints_dir(run), steps.tracking_dir(run), steps.executed_dir(run), steps.exercises_file(run)]
+    assert [p.name for p in places] == [steps.CHECKPOINTS, steps.TRACKING, steps.EXECUTED, steps.EXERCISES]
+    cache = steps.cache_dir(run, steps.EXPORT)
+    assert cache.is_dir() and steps.export_workdir(run) == cache
+    assert all(p.parent == run.root for p in [*places, cache])
+    assert not {p.name for p in [*places, cache]} & {s.name for s in steps.STEPS}
+    assert run.manifests() == {}, "a cache is no step"
 
 
 def test_every_step_folder_is_written_only_through_begin_and_commit():
@@ -29,6 +38,7 @@ def test_every_step_folder_is_written_only_through_begin_and_commit():
         assert "run.root /" not in text and "run.root/" not in text, f"{path.name} writes into the run root"
         if path.name != "steps.py":
             assert "run.begin(" not in text and "run.commit(" not in text, f"{path.name}: save through helpers.steps"
+            assert ".place(" not in text, f"{path.name}: reach a run-level place through helpers.steps"
 
 
 def test_lora_settings_saved_by_02_are_what_04_and_05_train_with(tmp_path):
@@ -38,7 +48,7 @@ def test_lora_settings_saved_by_02_are_what_04_and_05_train_with(tmp_path):
     changed = load_profile("cpu-smoke").lora.model_copy(update={"r": 4, "alpha": 8})
     steps.save_lora(run, changed, trainable=10, total=1000)
     assert steps.load_lora(run) == changed
-    assert (run.path(steps.PEFT.name) / "adapter_config.json").is_file(), "peft's own LoraConfig file is kept too"
+    assert (run.path(steps.PEFT) / "adapter_config.json").is_file(), "peft's own LoraConfig file is kept too"
 
 
 def test_prepared_source_points_at_notebook_00s_pairs(tmp_path):

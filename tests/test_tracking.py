@@ -9,25 +9,31 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, steps
 from helpers.profiles import ProfileError, load_profile
-from helpers.tracking import TrackingError, report_to, tracking_dir
+from helpers.runfolder import RunFolder
+from helpers.steps import CHECKPOINTS, checkpoints_dir, tracking_dir
+from helpers.tracking import TrackingError, report_to
 
 # Trains two steps under cpu-smoke with report_to trackio in a fresh process (trackio reads TRACKIO_DIR once, at
-# import), with the Hub unreachable on purpose.
+# import), with the Hub unreachable on purpose; as notebooks 04-05 do, into the run folder's checkpoints and tracking.
 TRAIN_TWO_STEPS = """
 import json, sys
 from helpers.data import build_splits, load_rows
 from helpers.lora import add_lora
 from helpers.model import load_model
 from helpers.profiles import load_profile
+from helpers.runfolder import RunFolder
+from helpers.steps import checkpoints_dir, tracking_dir
 from helpers.trainer import build_trainer
 
 profile = load_profile("cpu-smoke", {"data": {"max_rows": 12, "eval_rows": 4},
                                      "train": {"max_steps": 2, "eval_steps": None, "report_to": ["trackio"]}})
 model, tokenizer, _ = load_model(profile)
 splits, _ = build_splits(load_rows("sample").rows, tokenizer, profile.data, profile.model.max_seq_length)
-trainer = build_trainer(add_lora(model, profile), tokenizer, splits, profile, sys.argv[1])
+run = RunFolder(sys.argv[1], profile.name)
+trainer = build_trainer(add_lora(model, profile), tokenizer, splits, profile, checkpoints_dir(run),
+                        tracking_dir=tracking_dir(run))
 print(json.dumps({"report_to": trainer.args.report_to}))
 trainer.train()
 """
@@ -35,16 +41,16 @@ trainer.train()
 
 def test_trackio_logs_offline_into_the_run_folder(tmp_path):
     pytest.importorskip("trackio")
-    checkpoints = tmp_path / "run" / "checkpoints"
+    run = RunFolder(tmp_path / "run", "cpu-smoke")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.pop("TRACKIO_DIR", None)
     result = subprocess.run(
-        [sys.executable, "-c", TRAIN_TWO_STEPS, str(checkpoints)], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", TRAIN_TWO_STEPS, str(run.root)], env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert '"report_to": ["trackio"]' in result.stdout
-    databases = list((tmp_path / "run" / "tracking" / "trackio").glob("*.db"))
-    assert databases, f"no trackio database under {tmp_path / 'run' / 'tracking'}"
+    databases = list((tracking_dir(run) / "trackio").glob("*.db"))
+    assert databases, f"no trackio database under {tracking_dir(run)}"
     with sqlite3.connect(databases[0]) as db:
         rows = db.execute("SELECT metrics FROM metrics").fetchall()
     logged = [json.loads(r[0]) for r in rows]
@@ -53,17 +59,29 @@ def test_trackio_logs_offline_into_the_run_folder(tmp_path):
 
 def test_report_to_defaults_to_none_and_rejects_unknown_trackers(tmp_path, monkeypatch):
     assert load_profile("cpu-smoke").train.report_to == ["none"]
-    assert report_to(["none"], tmp_path / "checkpoints") == ["none"]
-    assert tracking_dir(tmp_path / "checkpoints") == tmp_path.resolve() / "tracking"
+    assert report_to(["none"], tmp_path) == ["none"]
     with pytest.raises(ProfileError, match="report_to"):
         load_profile("cpu-smoke", {"train": {"report_to": ["mlflow-typo"]}})
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)  # stands in for a venv without wandb
     with pytest.raises(TrackingError, match="wandb"):
-        report_to(["wandb"], tmp_path / "checkpoints")
+        report_to(["wandb"], tmp_path)
 
 
 def test_tensorboard_dir_lands_in_the_run_folder(tmp_path, monkeypatch):
+    run = RunFolder(tmp_path / "run", "cpu-smoke")
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     monkeypatch.setattr("importlib.util.find_spec", lambda name: object())  # stands in for installed tensorboard
-    assert report_to(["tensorboard"], tmp_path / "checkpoints") == ["tensorboard"]
-    assert Path(os.environ["TENSORBOARD_LOGGING_DIR"]) == tmp_path.resolve() / "tracking" / "tensorboard"
+    assert report_to(["tensorboard"], tracking_dir(run)) == ["tensorboard"]
+    assert Path(os.environ["TENSORBOARD_LOGGING_DIR"]) == run.root / steps.TRACKING / "tensorboard"
+
+
+def test_trackers_write_into_the_tracking_dir_given_else_into_the_output_dir(tmp_path, monkeypatch):
+    import helpers.trainer
+
+    seen = []
+    monkeypatch.setattr(helpers.trainer, "report_to", lambda targets, folder: seen.append(Path(folder)) or ["none"])
+    run = RunFolder(tmp_path / "run", "cpu-smoke")
+    profile = load_profile("cpu-smoke")
+    helpers.trainer.sft_config(profile, checkpoints_dir(run), tracking_dir(run))
+    helpers.trainer.sft_config(profile, tmp_path / CHECKPOINTS)
+    assert seen == [run.root / steps.TRACKING, tmp_path / CHECKPOINTS]
