@@ -4,6 +4,11 @@ A White Rabbit row has four text fields: subject, system, instruction, response.
 becomes a conversational prompt-completion example: the prompt is the system and user
 messages, the completion is the assistant's answer. trl's SFTTrainer then computes the
 loss on the completion only, and the chat template closes it with the end-of-turn token.
+
+Longer than the other modules (~430 lines) because every way a data file can be wrong is caught here, at the one
+place rows enter the workbook (bounded line reading, JSON without NaN, field types, control characters,
+duplicates), each with a message naming the file and line; formatting and splitting follow in the same module so
+that a row is validated and formatted by one reading of the rules.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ SECRET_NAMES = ("HF_TOKEN", "OPENAI_API_KEY")
 
 # Which variables another process (a learner's kernel, the llama.cpp server) must not inherit. Names are matched by
 # whole words (split at `_`) and by telling fragments, so tomorrow's MY_SERVICE_PASSWORD goes too; values by shape,
-# so a credential under an innocent name (REDIS_URL=redis://user:pw@host) goes as well.
+# so a credential under an innocent name (a Redis URL with a user and password in it) goes as well.
 SECRET_WORDS = {"TOKEN", "TOKENS", "KEY", "KEYS", "PASS", "PWD", "JWT", "DSN", "AUTH", "PAT", "SALT", "SIGNATURE"}
 SECRET_FRAGMENTS = ("SECRET", "PASSWORD", "PASSWD", "PASSPHRASE", "ASKPASS", "CREDENTIAL", "PRIVATE", "COOKIE",
                     "SESSION", "APIKEY", "BEARER", "AUTHORIZATION", "CONNECTION_STRING")  # fmt: skip
@@ -30,7 +30,7 @@ SECRET_EXACT = {
 SECRET_PREFIXES = ("HF_OIDC_",)  # Hugging Face's token exchange in CI
 NOT_SECRET = {"PWD"}  # the working directory, not a MySQL password
 SECRET_VALUE = re.compile(
-    r"://[^/\s:@]*:[^/\s@]+@"  # a URL with a password in it: postgres://app:pw@db/…, https://user:pw@proxy
+    r"://[^/\s:@]*:[^/\s@]+@"  # a URL with a password in it (scheme, user, colon, password, at-sign)
     r"|^(hf_|sk-|ghp_|gho_|ghs_|ghu_|github_pat_|glpat-|xox[abpr]-)[A-Za-z0-9_\-]{16,}"  # well-known token shapes
     r"|^(AKIA|ASIA)[0-9A-Z]{16}$"  # AWS access key ids
     r"|^eyJ[A-Za-z0-9_\-]+\.eyJ[A-Za-z0-9_\-]+\."  # a JSON Web Token

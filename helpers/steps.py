@@ -5,6 +5,7 @@ declared once here (its folder and its notebook), and so is every file a step wr
 run folder (checkpoints, caches, executed notebooks, exercise verdicts, tracking). Notebooks save and load through
 the one-call helpers below, so no notebook, test or runner spells a step or a file name (tests/test_steps.py
 checks it). Every save goes through `RunFolder.begin` and `RunFolder.commit`: a step appears complete or not at all.
+It is one file (~360 lines) on purpose: the whole contract between the notebooks reads top to bottom, step by step.
 """
 
 from __future__ import annotations
