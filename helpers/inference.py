@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 
 from helpers.backend import uses_unsloth
+from helpers.chat import messages
 from helpers.profiles import InferSettings, Profile
 
 
@@ -57,17 +58,10 @@ def prepare_for_inference(model: PreTrainedModel, profile: Profile) -> PreTraine
     return model
 
 
-def _messages(question: str, system: str) -> list[dict[str, str]]:
-    messages = [{"role": "user", "content": question}]
-    if system:
-        messages.insert(0, {"role": "system", "content": system})
-    return messages
-
-
 def chat_inputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, question: str, system: str = ""):
     """The question (after an optional system message) in the chat template, ready for `model.generate`."""
     return tokenizer.apply_chat_template(
-        _messages(question, system), add_generation_prompt=True, return_tensors="pt", return_dict=True
+        messages(question, system), add_generation_prompt=True, return_tensors="pt", return_dict=True
     ).to(model.device)
 
 
@@ -133,7 +127,7 @@ def generate_batch(
     if len(systems) != len(questions):
         raise ValueError(f"generate_batch: {len(questions)} questions but {len(systems)} system messages")
     texts = [
-        tokenizer.apply_chat_template(_messages(q, s), add_generation_prompt=True, tokenize=False)
+        tokenizer.apply_chat_template(messages(q, s), add_generation_prompt=True, tokenize=False)
         for q, s in zip(questions, systems, strict=True)
     ]
     lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from helpers import ROOT
+from helpers.chat import messages
 from helpers.secrets import environment_without_secrets
 
 # The server is on this machine: its requests never go through http_proxy/HTTPS_PROXY, which would not reach it.
@@ -180,9 +181,7 @@ class LlamaServer:
 
 def chat_body(question: str, system: str, max_tokens: int, **extra: Any) -> dict[str, Any]:
     """An OpenAI chat-completions request body, greedy (temperature 0)."""
-    messages = [{"role": "system", "content": system}] if system else []
-    return {"messages": [*messages, {"role": "user", "content": question}], "max_tokens": max_tokens,
-            "temperature": 0.0, **extra}  # fmt: skip
+    return {"messages": messages(question, system), "max_tokens": max_tokens, "temperature": 0.0, **extra}
 
 
 def served_speed(server: LlamaServer, questions: list[str], system: str, max_tokens: int,
