@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import pandas as pd
-    from pandas.io.formats.style import Styler
+    from pandas.io.formats.style import Styler  # what safe_table returns: every cell formatted with escape="html"
 
 # C0 controls but tab, newline and carriage return; DEL and C1 controls; bidi embeddings, overrides and isolates.
 CONTROL_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
