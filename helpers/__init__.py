@@ -5,6 +5,11 @@ imports nothing heavy itself, so that `helpers.lesson.start_lesson` can load Uns
 before transformers when a GPU profile asks for it.
 """
 
+import logging
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# bitsandbytes (imported by peft whenever it is installed) looks for an optional faster CPU 4-bit kernel on the
+# Hugging Face Hub and logs a warning when it cannot: 4-bit works without it, and the course machines are offline.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

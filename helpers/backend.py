@@ -77,6 +77,13 @@ def check_hardware(profile: Profile) -> None:
             f"Profile {profile.name!r} needs a CUDA GPU and none is visible to PyTorch on this machine. "
             f"Use a CPU profile instead ({', '.join(cpu)}), e.g. PROFILE='cpu-lab'."
         )
+    if profile.model.load_in_4bit and not cuda_available() and not profile.model.cpu_4bit:
+        raise HardwareError(
+            f"Profile {profile.name!r} loads the model in 4-bit, which without a GPU is slow and only for profiles "
+            "that opt in (model.cpu_4bit: true, as cpu-llama31 does). Use a GPU, or set model.load_in_4bit: false."
+        )
+    if profile.model.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
+        raise HardwareError(f"Profile {profile.name!r} loads the model in 4-bit: pip install bitsandbytes.")
     if uses_unsloth(profile) and importlib.util.find_spec("unsloth") is None:
         raise HardwareError(
             f"Profile {profile.name!r} uses Unsloth, which is not installed: "

@@ -12,7 +12,9 @@ import importlib.util
 import os
 import shutil
 import time
+from collections.abc import Container
 from dataclasses import asdict, dataclass
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -20,6 +22,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from helpers import ROOT
 from helpers.backend import device_map, sharding_engine, uses_unsloth
+from helpers.llama_twin import LLAMA31_TWIN
+from helpers.llama_twin import build as build_twin
 from helpers.pins import pinned
 from helpers.profiles import Profile
 
@@ -86,12 +90,64 @@ def end_of_turn_token(tokenizer: PreTrainedTokenizerBase) -> str:
     return tokenizer.eos_token
 
 
+# Llama 3.1 ends a turn that waits for a tool's reply with <|eom_id|> and a document with <|end_of_text|>.
+OTHER_STOPS = ("<|eom_id|>", "<|end_of_text|>")
+# A pad token that is never a turn's end: Llama 3.1's reserved one, then the document-end tokens.
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|endoftext|>", "<|end_of_text|>")
+
+
 def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The end-of-turn token first, then the tokenizer's EOS when it differs: generation stops at either."""
+    """The end-of-turn token first, then the tokenizer's EOS and the other stops its vocabulary has: generation
+    stops at any of them."""
     ids = [tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))]
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
+    vocab = tokenizer.get_vocab()
+    for token_id in [tokenizer.eos_token_id, *(vocab.get(t) for t in OTHER_STOPS)]:
+        if token_id is not None and token_id not in ids:
+            ids.append(token_id)
     return ids
+
+
+def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """True when the tokenizer puts BOS in front of every encoding (Llama 3.1 does, SmolLM2 does not). Its GGUF then
+    says `add_bos_token`, and llama.cpp and Ollama add BOS themselves: a prompt text must not carry it too."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+def special_tokens(tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
+    """The special tokens a chat depends on, with their ids and what each is for (lesson 01's table)."""
+    bos_note = "the tokenizer adds it to every encoding" if adds_bos(tokenizer) else "the tokenizer does not add it"
+    rows = [
+        ("BOS", tokenizer.bos_token, bos_note),
+        ("end of turn", end_of_turn_token(tokenizer), "closes every message; trained, and generation stops at it"),
+        ("pad", tokenizer.pad_token, "fills short rows in a batch; masked out of the labels"),
+    ]
+    rows += [("also stops", tokenizer.convert_ids_to_tokens(i), "") for i in end_of_turn_ids(tokenizer)[1:]]
+    return [
+        {"role": role, "token": token, "id": None if token is None else tokenizer.convert_tokens_to_ids(token),
+         "note": note}
+        for role, token, note in rows
+    ]  # fmt: skip
+
+
+def choose_pad_token(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The pad token for training and batched generation (see `pick_pad_token`)."""
+    return pick_pad_token(tokenizer.pad_token, end_of_turn_token(tokenizer), tokenizer.get_vocab())
+
+
+def pick_pad_token(current: str | None, end_of_turn: str, vocab: Container[str]) -> str:
+    """The current pad token unless it is the end-of-turn token, else the first candidate in the vocabulary. Padding
+    is masked out of the labels, so a pad equal to the end of turn would hide the one token that teaches the model
+    to stop (the most reported SFT bug with Llama 3)."""
+    if current is not None and current != end_of_turn:
+        return current
+    for candidate in PAD_CANDIDATES:
+        if candidate in vocab and candidate != end_of_turn:
+            return candidate
+    raise ValueError(
+        f"No pad token other than the end-of-turn token {end_of_turn}: padding with it would mask the end of every "
+        "answer. Give the tokenizer a pad token (tokenizer.pad_token = ...) before training."
+    )
 
 
 def _convert_embedded(target: Path) -> None:
@@ -117,11 +173,19 @@ def _convert_embedded(target: Path) -> None:
 
 
 def resolve_model(name: str) -> str:
-    """A loadable path or Hub id for a profile's model name; converts the embedded GGUF on first use."""
+    """A loadable path or Hub id for a profile's model name; converts the embedded GGUF, or builds the Llama 3.1
+    twin, on first use."""
+    if name == LLAMA31_TWIN:
+        target = cache_dir() / LLAMA31_TWIN
+        if not (target / "config.json").is_file():
+            print(f"First use: building the Llama 3.1 twin (Meta's tokenizer, random weights) in {target.name}.")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            build_twin(target)
+        return str(target)
     if name == EMBEDDED:
         target = cache_dir() / EMBEDDED_NAME
         if not (target / "config.json").is_file():
-            print(f"First use: converting {EMBEDDED_GGUF} to safetensors in {target} (about 40 s, once).")
+            print(f"First use: converting {EMBEDDED_GGUF} to safetensors in {target.name} (about 40 s, once).")
             target.parent.mkdir(parents=True, exist_ok=True)
             _convert_embedded(target)
         return str(target)
@@ -179,17 +243,18 @@ class ModelCard:
     load_seconds: float
     chat_template: str
     end_of_turn: str
+    quantization: str | None = None  # "nf4": the linear layers' weights in 4 bits (bitsandbytes), the rest in dtype
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, fallback: str) -> str:
-    """Chat template guaranteed, EOS = the end-of-turn token (so generation stops there), a pad token.
+    """Chat template guaranteed, EOS = the end-of-turn token (so generation stops there), a pad token that is not
+    the end of turn.
 
     Returns which chat template is used, for the lesson to say.
     """
     template = ensure_chat_template(tokenizer, fallback)
+    tokenizer.pad_token = choose_pad_token(tokenizer)
     tokenizer.eos_token = end_of_turn_token(tokenizer)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # padding is never trained: trl masks it out of the labels
     return template
 
 
@@ -218,18 +283,32 @@ def load_model(profile: Profile) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
         backend = "unsloth"
     else:
         tokenizer, template = load_tokenizer(profile)
-        kwargs: dict = {"dtype": dtype or "auto"}
+        # "auto" keeps a checkpoint's own dtype: on a CPU a bf16 checkpoint (Llama 3.1) is computed in float32
+        kwargs: dict = {"dtype": dtype or ("auto" if torch.cuda.is_available() else torch.float32)}
         sharded = sharding_engine()
         if settings.load_in_4bit:
             from transformers import BitsAndBytesConfig
 
-            # FSDP and ZeRO-3 shard tensors of one dtype: the 4-bit weights are then stored in bf16 words
-            storage = {"bnb_4bit_quant_storage": dtype or torch.bfloat16} if sharded else {}
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", **storage)
+            # QLoRA's recipe: NF4 weights, their scales quantised too (double quantisation), computed in the
+            # profile's dtype. FSDP and ZeRO-3 shard tensors of one dtype: the 4-bit weights are then stored in
+            # bf16 words.
+            compute = kwargs["dtype"] if kwargs["dtype"] != "auto" else torch.bfloat16
+            storage = {"bnb_4bit_quant_storage": compute} if sharded else {}
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=compute,
+                **storage,
+            )
         if (placement := device_map()) is not None:
             kwargs["device_map"] = placement
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         backend = "transformers"
+    # A base model's generation config stops at its document end (Llama 3.1: <|end_of_text|>); a chat turn ends in
+    # the end-of-turn token, so every generate call stops there too.
+    model.generation_config.eos_token_id = end_of_turn_ids(tokenizer)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
     parameters = next(model.parameters())
     card = ModelCard(
         name=settings.name if settings.name != EMBEDDED else EMBEDDED_NAME,
@@ -241,13 +320,17 @@ def load_model(profile: Profile) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
         load_seconds=round(time.perf_counter() - start, 2),
         chat_template=template,
         end_of_turn=tokenizer.eos_token,
+        quantization="nf4" if settings.load_in_4bit else None,
     )
     return model, tokenizer, card
 
 
 def describe(card: ModelCard) -> dict:
-    """The card as a plain dict for manifests and tables."""
-    return asdict(card)
+    """The card as a plain dict for manifests and tables; a model folder in the project shows as a project path
+    (`.cache/...`), never this machine's absolute path."""
+    source = Path(card.source)
+    shown = str(source.relative_to(ROOT)) if source.is_absolute() and source.is_relative_to(ROOT) else card.source
+    return {**asdict(card), "source": shown}
 
 
 if __name__ == "__main__":
