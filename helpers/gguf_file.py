@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from helpers.model import end_of_turn_ids
+from helpers.model import adds_bos, end_of_turn_ids
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -46,6 +46,8 @@ def gguf_metadata(path: Path) -> dict[str, Any]:
         "pre_tokenizer": value("tokenizer.ggml.pre"),
         "tokens": value("tokenizer.ggml.tokens"),
         "chat_template": value("tokenizer.chat_template"),
+        "bos_token_id": value("tokenizer.ggml.bos_token_id"),
+        "add_bos_token": value("tokenizer.ggml.add_bos_token"),
         "eos_token_id": value("tokenizer.ggml.eos_token_id"),
         "eot_token_id": value("tokenizer.ggml.eot_token_id"),
         "tensors": len(reader.tensors),
@@ -58,25 +60,74 @@ def expected_vocabulary(tokenizer: PreTrainedTokenizerBase) -> str:
     return "gpt2" if byte_level_bpe(data) else "llama"
 
 
+# llama.cpp's converter names the pre-tokenizer (how text is split before BPE) by hashing the tokenizer's ids for a
+# test text; a wrong or unknown name (`default`) splits numbers, spaces or accents differently at serving time. The
+# families this course uses, recognised the same way: their ids for one text and their vocabulary size.
+FAMILY_PROBE = "Hello world"
+PRE_TOKENIZERS: list[dict[str, Any]] = [
+    {"family": "Llama 3", "pre_tokenizer": "llama-bpe", "tokens": 128256, "probe_ids": [9906, 1917]},
+    {"family": "SmolLM / SmolLM2", "pre_tokenizer": "smollm", "tokens": 49152, "probe_ids": [19556, 905]},
+]
+
+
+def expected_pre_tokenizer(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The pre-tokenizer name llama.cpp should write for this tokenizer's family; None for a family not listed."""
+    ids = tokenizer(FAMILY_PROBE, add_special_tokens=False)["input_ids"]
+    for family in PRE_TOKENIZERS:
+        if len(tokenizer) == family["tokens"] and ids == family["probe_ids"]:
+            return family["pre_tokenizer"]
+    return None
+
+
 def check_metadata(meta: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
-    """The GGUF's own description of its tokenizer against the source tokenizer, one row per check."""
+    """The GGUF's own description of its tokenizer against the source tokenizer, one row per check. `add_bos_token`
+    must say what the tokenizer does: llama.cpp then adds BOS itself and strips the one a chat template writes
+    (Llama 3's `{{ bos_token }}`), so the served prompt starts with exactly one (08's served-route check counts the
+    prompt's tokens; the Modelfile template leaves BOS out for the same reason)."""
     eot = end_of_turn_ids(tokenizer)[0]
     stops = {meta["eos_token_id"], meta["eot_token_id"]} - {None}
     source_tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    vocab = expected_vocabulary(tokenizer)
+    vocab, pre = expected_vocabulary(tokenizer), expected_pre_tokenizer(tokenizer)
+    gguf_adds_bos = bool(meta.get("add_bos_token"))
+    if pre is not None:
+        pre_row = ("pre-tokenizer", meta["pre_tokenizer"], pre, meta["pre_tokenizer"] == pre)
+    else:  # a family not listed: at least a named one ("default" is what the converter writes when it did not know)
+        pre_row = ("pre-tokenizer", meta["pre_tokenizer"], "not 'default'" if vocab == "gpt2" else "any",
+                   vocab != "gpt2" or meta["pre_tokenizer"] not in (None, "default"))  # fmt: skip
     rows = [
         ("vocabulary type", meta["vocabulary"], vocab, meta["vocabulary"] == vocab),
-        # "default" is what the converter writes when it did not recognise the pre-tokenizer
-        ("pre-tokenizer", meta["pre_tokenizer"], "not 'default'" if vocab == "gpt2" else "any",
-         vocab != "gpt2" or meta["pre_tokenizer"] not in (None, "default")),
+        pre_row,
         ("token count", len(meta["tokens"] or []), len(source_tokens), len(meta["tokens"] or []) == len(source_tokens)),
         ("token strings", "same" if meta["tokens"] == source_tokens else "differ", "same",
          meta["tokens"] == source_tokens),
+        ("BOS id", meta.get("bos_token_id"), tokenizer.bos_token_id,
+         tokenizer.bos_token_id is None or meta.get("bos_token_id") == tokenizer.bos_token_id),
+        ("adds BOS", gguf_adds_bos, adds_bos(tokenizer), gguf_adds_bos == adds_bos(tokenizer)),
+        ("chat template present", bool(meta["chat_template"]), True, bool(meta["chat_template"])),
         ("chat template", "same" if meta["chat_template"] == tokenizer.chat_template else "differs", "same",
          meta["chat_template"] == tokenizer.chat_template),
         ("end of turn stops", sorted(stops), eot, eot in stops),
     ]  # fmt: skip
-    return [{"check": c, "gguf": g, "source": s, "ok": bool(ok)} for c, g, s, ok in rows]
+    return [{"check": c, "gguf": _text(g), "source": _text(s), "ok": bool(ok)} for c, g, s, ok in rows]
+
+
+def _text(value: Any) -> str:
+    """One type per table column (a number, a list and a word side by side would print as raw Python)."""
+    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def size_breakdown(path: Path) -> dict[str, int]:
+    """Where a GGUF's bytes go: tensor data by storage type, and the rest (the header: tokenizer vocabulary and
+    merges, chat template, settings, tensor names, alignment padding)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    parts: dict[str, int] = {}
+    for tensor in reader.tensors:
+        key = f"{tensor.tensor_type.name.lower()} tensors"
+        parts[key] = parts.get(key, 0) + int(tensor.n_bytes)
+    parts["header and padding"] = Path(path).stat().st_size - sum(parts.values())
+    return parts
 
 
 def gguf_tensors(path: Path, model: PreTrainedModel) -> Iterator[tuple[str, torch.Tensor]]:
@@ -102,14 +153,22 @@ def gguf_tensors(path: Path, model: PreTrainedModel) -> Iterator[tuple[str, torc
         yield name, torch.from_numpy(result.weights.copy()).float()
 
 
+# Tensors llama.cpp computes from the configuration, not weights: Llama 3.1's RoPE scaling factors (rope_type llama3),
+# which transformers recomputes from `rope_parameters` instead of storing.
+DERIVED_TENSORS = {"rope_freqs.weight"}
+
+
 @torch.no_grad()
 def load_gguf_weights(model: PreTrainedModel, path: Path) -> dict[str, list[str]]:
     """Overwrite the model's weights with the GGUF's, in place (no second copy of the model), strictly: a weight
     the file lacks (but a head tied to the embeddings) or a tensor the model has no place for is an error, since
     a name-mapping bug would otherwise keep the original weights and look lossless."""
     params = dict(model.named_parameters(remove_duplicate=False))  # a tied head is listed under both names
-    loaded, unexpected = set(), []
+    loaded, unexpected, derived = set(), [], []
     for name, weights in gguf_tensors(path, model):
+        if name.removeprefix("?") in DERIVED_TENSORS:
+            derived.append(name.removeprefix("?"))
+            continue
         if name not in params:
             unexpected.append(name)
             continue
@@ -122,7 +181,7 @@ def load_gguf_weights(model: PreTrainedModel, path: Path) -> dict[str, list[str]
             f"{path.name} does not map onto the model: {len(missing)} weights missing ({missing[:3]}), "
             f"{len(unexpected)} tensors without a place ({unexpected[:3]})."
         )
-    return {"loaded": sorted(loaded), "tied": sorted(tied)}
+    return {"loaded": sorted(loaded), "tied": sorted(tied), "derived": derived}
 
 
 @torch.no_grad()

@@ -161,3 +161,8 @@ def test_lessons_01_to_09_run_on_the_llama31_twin(llama_chain):
     template = (run.path(EXPORT) / MODELFILE).read_text()
     assert "<|begin_of_text|>" not in template, "Ollama adds BOS from the GGUF: the template must not add a second"
     assert 'PARAMETER stop "<|eot_id|>"' in template and 'PARAMETER stop "<|eom_id|>"' in template
+    export = m[EXPORT]
+    assert export["served_prompt_tokens_match"], "llama.cpp's chat prompt has the notebook's ids: one BOS"
+    f16 = export["teacher_forced"]["f16"]
+    assert f16["positions_compared"] > 0 and f16["beyond_noise"] == 0
+    assert abs(export["merged_vs_trained_loss_change"]) < 0.05, "NF4 + adapter (05-07) vs the merged model (08)"
