@@ -29,7 +29,7 @@ demo: setup
 
 # Two workers: the tests spend much of their time starting processes and kernels, which overlap well on 2 cores.
 test: setup scan-secrets check
-	$(BIN)/python -m pytest -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=12
 
 # The same checks as the pre-commit hooks (.pre-commit-config.yaml), plus the type checker.
 check: setup

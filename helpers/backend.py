@@ -9,7 +9,7 @@ import importlib.util
 import os
 from typing import Any
 
-from helpers.profiles import Profile, list_profiles
+from helpers.profiles import Profile, list_profiles, load_profile
 
 
 class HardwareError(RuntimeError):
@@ -72,7 +72,8 @@ def uses_unsloth(profile: Profile) -> bool:
 def check_hardware(profile: Profile) -> None:
     """Stop at once, with the way out, when a GPU profile meets a machine without CUDA."""
     if (profile.model.requires_gpu or wants_unsloth(profile)) and not cuda_available():
-        cpu = [p for p in list_profiles() if p.startswith("cpu-")]
+        # the CPU profiles a learner can use (cpu-llama31 loads 4-bit on the CPU to prove the GPU path: tests only)
+        cpu = [p for p in list_profiles() if p.startswith("cpu-") and not load_profile(p).model.cpu_4bit]
         raise HardwareError(
             f"Profile {profile.name!r} needs a CUDA GPU and none is visible to PyTorch on this machine. "
             f"Use a CPU profile instead ({', '.join(cpu)}), e.g. PROFILE='cpu-lab'."

@@ -31,6 +31,7 @@ from transformers import PreTrainedTokenizerBase
 from helpers import ROOT
 from helpers.chat import messages
 from helpers.html_tables import CONTROL_CHARS, show_controls
+from helpers.lesson import shown_path
 from helpers.profiles import DataSettings
 from helpers.text_measures import words
 
@@ -124,7 +125,7 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes | int]]:
 def _read_jsonl(path: Path) -> list[Item]:
     items: list[Item] = []
     for number, raw in _lines(path):
-        where = f"{path}, line {number}"
+        where = f"{shown_path(path)}, line {number}"  # relative to the project: no machine path in a lesson
         if isinstance(raw, int):
             detail = f"{raw:,} bytes long, over the limit of {MAX_LINE_BYTES:,} bytes for one row"
             items.append((where, Problem(where, "line too long", detail)))

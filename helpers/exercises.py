@@ -79,7 +79,9 @@ EXERCISES = {
         ),
         Exercise(
             "06.1",
-            "Without an end-of-turn token to stop at, generation runs until the budget is spent.",
+            "With eos_token_id=-1 (an id no token has) generation is never told where an answer ends: it stops "
+            "only when max_new_tokens new tokens are written. chat_inputs(model, tokenizer, question) from "
+            "helpers.inference gives the prompt; the new tokens are output.shape[1] - inputs['input_ids'].shape[1].",
             lambda max_new_tokens: max_new_tokens,
         ),
         Exercise(
@@ -90,15 +92,17 @@ EXERCISES = {
         ),
         Exercise(
             "08.1",
-            "q8_0 stores blocks of 32 weights as 32 int8 values plus one 16-bit scale; the vocabulary adds a little.",
-            lambda gguf_bytes, parameters: gguf_bytes / parameters,
-            tolerance=1e-3,
+            "q8_0 stores each block of 32 weights as 32 int8 values (1 byte each) plus one 16-bit scale (2 bytes): "
+            "bytes per weight x `parameters`, in MB (/ 1e6). Predict from the format, not from the file.",
+            lambda parameters: parameters * 34 / 32 / 1e6,
+            tolerance=0.01,
         ),
         Exercise(
             "09.1",
-            "estimate('70B', 'qlora', 'zero3', 4) from helpers.memory; its total_gib is per GPU.",
-            lambda: _memory_estimate("70B", "qlora", "zero3", 4),
-            tolerance=0.02,
+            "Per GPU = what FSDP shares out / N + what every GPU keeps whole (activations, logits, two gathered "
+            "layers, the LM head kept whole); the smallest N with that at most 0.9 x 24 GiB. Then check N and N - 1 "
+            "with estimate('70B', 'qlora', 'fsdp_full', N).",
+            lambda: _fewest_cards("70B", 24.0),
         ),
     ]
 }  # fmt: skip
@@ -110,10 +114,10 @@ def _perplexity(loss: float) -> float:
     return perplexity(loss)
 
 
-def _memory_estimate(model: str, method: str, strategy: str, gpus: int) -> float:
-    from helpers.memory import estimate
+def _fewest_cards(model: str, card_gib: float) -> int | None:
+    from helpers.memory import fewest_gpus
 
-    return estimate(model, method, strategy, gpus).total_gib  # type: ignore[arg-type]
+    return fewest_gpus(model, card_gib, method="qlora", strategy="fsdp_full")
 
 
 def _lora_count(model, targets: list[str]) -> int:
@@ -122,20 +126,43 @@ def _lora_count(model, targets: list[str]) -> int:
     return count_lora_parameters(model, 8, targets)
 
 
-def check(run: RunFolder | None, exercise_id: str, answer: Any, **context: Any) -> bool:
-    """Say whether `answer` is right and record it in the run folder; an unanswered exercise fails nothing."""
+@dataclass(frozen=True, repr=False)
+class Verdict:
+    """What `check` says about one answer. A notebook shows it as its sentence (never a bare True or False); it is
+    true only when the answer is right, so a test can still `assert check(...)`."""
+
+    exercise: str
+    verdict: str  # correct, wrong or not answered
+    sentence: str
+
+    def __bool__(self) -> bool:
+        return self.verdict == "correct"
+
+    def __repr__(self) -> str:
+        return self.sentence
+
+
+def check(run: RunFolder | None, exercise_id: str, answer: Any, **context: Any) -> Verdict:
+    """Say whether `answer` is right and record it in the run folder; an unanswered exercise fails nothing.
+
+    The sentence is the returned Verdict's text: the last line of the check cell shows it."""
     e = EXERCISES[exercise_id]
     expected = e.expected(**context)
+    name = f"answer_{e.id.replace('.', '_')}"
     if answer is None:
-        verdict, ok = "not answered", False
-        print(f"Exercise {e.id}: not answered yet. Write your answer in the cell above and run both cells again.")
+        verdict = "not answered"
+        sentence = (
+            f"Exercise {e.id}: not answered yet. Write your answer in `{name}` in the cell above, "
+            "then run that cell and this one again."
+        )
+    elif _matches(answer, expected, e.tolerance):
+        verdict, sentence = "correct", f"Exercise {e.id}: {answer!r} is correct."
     else:
-        ok = _matches(answer, expected, e.tolerance)
-        verdict = "correct" if ok else "wrong"
-        print(f"Exercise {e.id}: correct." if ok else f"Exercise {e.id}: not yet ({answer!r}). Hint: {e.hint}")
+        verdict = "wrong"
+        sentence = f"Exercise {e.id}: {answer!r} is not the expected answer yet. Hint: {e.hint}"
     if run is not None:
         _record(run, exercise_id, verdict)
-    return ok
+    return Verdict(e.id, verdict, sentence)
 
 
 def _matches(answer: Any, expected: Any, tolerance: float) -> bool:

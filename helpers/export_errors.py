@@ -17,3 +17,7 @@ class DiskSpaceError(ExportError):
 
 class RoundTripError(ExportError):
     """A GGUF that does not answer like the merged model: it must not be served or published."""
+
+
+class QualityBarError(ExportError):
+    """The merged model or a quantized GGUF misses its held-out answer-loss bar: it must not be served or published."""

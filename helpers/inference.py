@@ -174,22 +174,98 @@ def compare_base_and_tuned(
     return [{"question": q, "base": b, "tuned": t} for q, b, t in zip(questions, base, tuned, strict=True)]
 
 
+def _yes_no(flags: Sequence[bool]) -> str:
+    return " / ".join("yes" if flag else "no" for flag in flags)
+
+
 def answers_table(samples: list[dict[str, Any]], limit: int | None = None):
-    """Base and tuned answers side by side (with the reference where there is one), as an HTML-escaped table.
+    """Base and tuned answers side by side (with the reference where there is one), as an HTML-escaped table: for
+    each model, the new tokens, whether it ended by itself (its end-of-turn token before max_new_tokens) and
+    whether it loops.
 
     Model answers and data rows are untrusted text: a `<script>` in either must show as text, never run.
     """
     from helpers.html_tables import safe_table
     from helpers.text_measures import repeated_loop
 
+    models = ("base", "tuned")
     rows = []
     for s in samples[:limit]:
         row = {"question": s["question"]}
         if "reference" in s:
             row["reference"] = s["reference"]
         row |= {"base": s["base"]["answer"], "tuned": s["tuned"]["answer"]}
-        row["stopped (base/tuned)"] = f"{s['base']['stopped_by_itself']}/{s['tuned']['stopped_by_itself']}"
-        loops = [repeated_loop(s[m]["answer"]) is not None for m in ("base", "tuned")]
-        row["loop (base/tuned)"] = f"{loops[0]}/{loops[1]}"
+        if all("tokens" in s[m] for m in models):
+            row["tokens (base / tuned)"] = " / ".join(str(s[m]["tokens"]) for m in models)
+        row["ended by itself (base / tuned)"] = _yes_no([s[m]["stopped_by_itself"] for m in models])
+        row["loops (base / tuned)"] = _yes_no([repeated_loop(s[m]["answer"]) is not None for m in models])
         rows.append(row)
     return safe_table(rows)
+
+
+# ---- 06: does an answer end by itself, and which decoding settings break a loop ----------------------------------
+
+
+def answer_lengths(tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict[str, Any]]) -> list[int]:
+    """Tokens of each prompt-completion row's answer, its end-of-turn token included: what a tuned model learned
+    to write before it stops."""
+    return [len(tokenizer(row["completion"][-1]["content"], add_special_tokens=False)["input_ids"]) + 1 for row in rows]
+
+
+def stopping_summary(samples: list[dict[str, Any]], lengths: Sequence[int], max_new_tokens: int) -> str:
+    """Whether the 'does it end by itself' check can work with this budget, and what it found, in words: the
+    training answers' lengths against `max_new_tokens`, then how many base and tuned answers ended by themselves."""
+    ordered = sorted(lengths)
+    median = ordered[len(ordered) // 2]
+    ended = {m: sum(s[m]["stopped_by_itself"] for s in samples) for m in ("base", "tuned")}
+    found = f"{ended['tuned']} of {len(samples)} tuned answers ended by themselves (base: {ended['base']})."
+    training = (
+        f"The training answers are {ordered[0]}-{ordered[-1]} tokens long (median {median}) and the budget, "
+        f"infer.max_new_tokens, is {max_new_tokens}"
+    )
+    if max_new_tokens < ordered[0]:
+        return (
+            f"{training}: shorter than every training answer, so no answer can end by itself under this profile "
+            f"and the check says nothing here. {found}"
+        )
+    covered = sum(length <= max_new_tokens for length in ordered)
+    return f"{training}: room for {covered} of {len(ordered)} of them. {found}"
+
+
+def looping_answers(answers: Sequence[dict[str, Any]]) -> list[int]:
+    """Positions of the answers with a runaway loop (`text_measures.repeated_loop`), in order."""
+    from helpers.text_measures import repeated_loop
+
+    return [i for i, a in enumerate(answers) if repeated_loop(a["answer"]) is not None]
+
+
+def least_distinct(answers: Sequence[dict[str, Any]], count: int) -> list[int]:
+    """Positions of the `count` answers with the smallest share of distinct word pairs: the closest to a loop."""
+    from helpers.text_measures import distinct_n
+
+    return sorted(range(len(answers)), key=lambda i: distinct_n([answers[i]["answer"]], 2))[:count]
+
+
+def decoding_table(decoded: dict[str, list[dict[str, Any]]]):
+    """One row per decoding setting over the same questions: answers that loop, distinct word pairs, mean new
+    tokens, answers that ended by themselves, and the answer to the first question (HTML-escaped)."""
+    from helpers.html_tables import safe_table
+    from helpers.text_measures import distinct_n, repeated_loop
+
+    rows = []
+    for answers in decoded.values():
+        count = len(answers)
+        loops = [repeated_loop(a["answer"]) for a in answers]
+        rows.append(
+            {
+                "loops": f"{sum(loop is not None for loop in loops)} of {count}",
+                "distinct word pairs": f"{distinct_n([a['answer'] for a in answers], 2):.0%}",
+                "mean new tokens": f"{sum(a['tokens'] for a in answers) / count:.0f}",
+                "ended by itself": f"{sum(a['stopped_by_itself'] for a in answers)} of {count}",
+                "first answer": answers[0]["answer"],
+                "its loop": loops[0] or "",
+            }
+        )
+    import pandas as pd
+
+    return safe_table(pd.DataFrame(rows, index=pd.Index(list(decoded), name="decoding")))

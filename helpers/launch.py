@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 from helpers import ROOT
+from helpers.lesson import shown_path
 from helpers.runfolder import RunFolder
 from helpers.serve import free_port
 from helpers.steps import DATASET, PEFT, Step
@@ -52,9 +53,10 @@ def launch(profile: str, run: RunFolder, processes: int, *extra: str) -> tuple[d
     env = {**os.environ, "LLM_SCHOOL_RUNS": str(run.root.parent), "PYTHONPATH": str(ROOT)}
     env["PYTHONPATH"] += os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""
     shown = ["accelerate", "launch", *command[3:]] if processes > 1 else ["python", *command[1:]]
-    print("$", " ".join(shown), flush=True)
+    print("$", " ".join(shown).replace(str(ROOT / CPU_CONFIG), CPU_CONFIG), flush=True)
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
-    log = done.stdout + done.stderr
+    # the log as a lesson shows it and the step folder keeps it: no absolute path of this machine
+    log = (done.stdout + done.stderr).replace(str(run.root.parent), shown_path(run.root.parent))
     if done.returncode != 0:
         raise RuntimeError(f"The {processes}-process launch failed (exit {done.returncode}):\n{log[-4000:]}")
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
+from helpers import ROOT
 from helpers.backend import check_hardware, uses_unsloth
 from helpers.profiles import Profile, load_profile
-from helpers.runfolder import RunFolder
+from helpers.runfolder import RunFolder, runs_dir
 from helpers.secrets import load_secrets
 
 
@@ -37,3 +39,19 @@ def start_lesson(profile_name: str, run_name: str) -> Lesson:
 
     set_seed(profile.train.seed)
     return Lesson(profile=profile, run=RunFolder.open(run_name, profile.name, seed=profile.train.seed))
+
+
+def shown_path(path: str | Path) -> str:
+    """A path as a lesson prints it, never as this machine's absolute path: relative to the project folder
+    (`runs/cpu-lab/04_trainer`), else to the runs folder that LLM_SCHOOL_RUNS names
+    (`$LLM_SCHOOL_RUNS/cpu-lab/04_trainer`), else to the home folder (`~/...`); both forms work in a shell
+    opened in the project folder."""
+    path = Path(path).absolute()
+    for base, shown in ((ROOT, None), (runs_dir(), "$LLM_SCHOOL_RUNS"), (Path.home(), "~")):
+        for variant in (base.absolute(), base.resolve()):
+            if path.is_relative_to(variant):
+                inside = path.relative_to(variant)
+                if shown is None:
+                    return str(inside)
+                return f"{shown}/{inside}" if inside.parts else shown
+    return path.name

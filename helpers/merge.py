@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from helpers.export_errors import DiskSpaceError, ExportError
 from helpers.gguf_file import BYTES_PER_WEIGHT, byte_level_bpe
+from helpers.memory import GIB, LLAMA31, linear_shapes, lora_parameters, parameter_counts
 from helpers.model import end_of_turn_ids
 
 if TYPE_CHECKING:
@@ -72,6 +73,29 @@ def load_for_merge(adapter: Path, profile: Profile) -> tuple[PeftModel, PreTrain
         raise ExportError(f"No trained adapter in {adapter}: run notebook 05_train first.")
     model, tokenizer, _ = load_model(merge_profile(profile))
     return load_adapter(model, adapter).eval(), tokenizer
+
+
+def merge_peak_memory(model: str | dict[str, Any] = "8B", r: int = 16, weight_bytes: int = 2,
+                      loss_tokens: int = 2048) -> dict[str, float]:  # fmt: skip
+    """GiB on the GPU while notebook 08 merges and measures, for a Llama 3.1 shape (helpers.memory.LLAMA31).
+
+    One copy of the model at any time: the 16-bit base, the LoRA weights on top (fp32, as peft loads them), and
+    while merging one layer's update B·A (fp32, then cast to the weight dtype before it is added in place);
+    `merge_and_unload` then drops the LoRA weights. The held-out loss passes run one row at a time on the merged
+    model: logits of up to `loss_tokens` x vocabulary in 16-bit, an fp32 copy and the fp32 log-softmax (10 bytes
+    each). The trained model (NF4 + adapter on the GPU profiles) is measured and freed before the merge loads.
+    """
+    shape = LLAMA31[model] if isinstance(model, str) else model
+    largest = max(a * b for a, b in linear_shapes(shape).values())
+    parts = {
+        "16-bit weights": parameter_counts(shape)["total"] * weight_bytes,
+        "LoRA weights (fp32)": lora_parameters(shape, r) * 4,
+        "one layer's update B·A (fp32 + cast)": largest * (4 + weight_bytes),
+        "loss pass logits (1 row)": loss_tokens * shape["vocab_size"] * (weight_bytes + 4 + 4),
+    }
+    merging = parts["LoRA weights (fp32)"] + parts["one layer's update B·A (fp32 + cast)"]
+    peak = parts["16-bit weights"] + max(merging, parts["loss pass logits (1 row)"])
+    return {**{k: round(v / GIB, 2) for k, v in parts.items()}, "peak": round(peak / GIB, 2)}
 
 
 def merge_adapter(model: PeftModel) -> PreTrainedModel:

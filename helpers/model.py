@@ -14,8 +14,8 @@ import shutil
 import time
 from collections.abc import Container
 from dataclasses import asdict, dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -264,6 +264,20 @@ def load_tokenizer(profile: Profile) -> tuple[PreTrainedTokenizerBase, str]:
     return tokenizer, prepare_tokenizer(tokenizer, profile.model.chat_template)
 
 
+def keep_4bit_trainable_on_cpu(model: PreTrainedModel) -> int:
+    """Stop bitsandbytes repacking 4-bit weights for its CPU inference kernel. On a CPU with AVX512-BF16 a Linear4bit
+    that once runs in eval mode without gradients (05's evaluation before training) repacks its weight for
+    `gemv_4bit`, never unpacks it in train mode, and `gemv_4bit` has no backward: gradients through the frozen
+    layers would be silently wrong (bitsandbytes 0.50.2 warns "an autograd kernel was not registered"). Returns how
+    many layers it changed."""
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
 def load_model(profile: Profile) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelCard]:
     """Load the profile's model and tokenizer (Unsloth on GPU when asked, else transformers)."""
     settings = profile.model
@@ -304,6 +318,8 @@ def load_model(profile: Profile) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
         if (placement := device_map()) is not None:
             kwargs["device_map"] = placement
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        if settings.load_in_4bit and not torch.cuda.is_available():
+            keep_4bit_trainable_on_cpu(model)
         backend = "transformers"
     # A base model's generation config stops at its document end (Llama 3.1: <|end_of_text|>); a chat turn ends in
     # the end-of-turn token, so every generate call stops there too.

@@ -1,11 +1,13 @@
-"""Lesson 00's API generator: any OpenAI-compatible chat API (OpenAI, vLLM, llama.cpp's server, Ollama) asked
+"""Lesson 00's API generators: any OpenAI-compatible chat API (OpenAI, vLLM, llama.cpp's server, Ollama) asked
 like a careful client: within a request and a token budget, retrying 429s and 5xx, and sending a key only where
-it belongs (see `api_endpoint`).
+it belongs (see `api_endpoint`). `OpenAIGenerator` asks for pairs as JSON (an API model); `QuestionThenAnswer`
+asks a small served model for questions, then their answers, through the same client, limiter and retries.
 """
 
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -16,7 +18,15 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 from helpers.api_keys import OPENAI_HOST, is_local_host, key_host_problem, key_name_problem, origin
 from helpers.data import DataError
 from helpers.documents import Chunk
-from helpers.replies import prompt_for
+from helpers.replies import (
+    QUESTION_TOKENS,
+    answer_prompt,
+    first_question,
+    pack_pair,
+    prompt_for,
+    question_prompt,
+    whole_sentences,
+)
 
 RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError)
 _backoff = wait_exponential(multiplier=0.5, max=30)
@@ -109,12 +119,18 @@ class OpenAIGenerator:
         self.token_limiter = Limiter(Rate(tokens_per_window, window))
         self.tokens_per_window = tokens_per_window
 
-    def _tokens(self, prompt: str, n: int) -> int:
+    def _tokens(self, prompt: str, n: int, max_tokens: int) -> int:
         """What a request may use, counted against the token budget before it is sent (~4 characters a token)."""
-        return min(len(prompt) // 4 + n * self.max_tokens, self.tokens_per_window)
+        return min(len(prompt) // 4 + n * max_tokens, self.tokens_per_window)
 
-    def replies(self, chunk: Chunk, n: int, temperature: float) -> list[str]:
-        prompt = prompt_for(chunk, self.pairs_per_reply)
+    def complete(
+        self, prompt: str, n: int, temperature: float, max_tokens: int | None = None, stop: list[str] | None = None
+    ) -> list[str]:
+        """`n` replies to one user message (one request with `n`), each ending at `max_tokens` or a `stop` string;
+        within the budgets; a 429, a 5xx or a lost connection is retried after the server's Retry-After or a
+        backoff, each retry through the limiter again."""
+        max_tokens = max_tokens or self.max_tokens
+        extra: dict[str, Any] = {"stop": stop} if stop else {}
         for attempt in Retrying(
             retry=retry_if_exception_type(RETRYABLE),
             wait=_retry_wait,
@@ -123,12 +139,53 @@ class OpenAIGenerator:
         ):
             with attempt:
                 self.request_limiter.try_acquire("requests")
-                self.token_limiter.try_acquire("tokens", weight=self._tokens(prompt, n))
+                self.token_limiter.try_acquire("tokens", weight=self._tokens(prompt, n, max_tokens))
                 response = self.client.chat.completions.create(
                     model=self.model,
                     messages=[{"role": "user", "content": prompt}],
                     n=n,
                     temperature=temperature,
-                    max_tokens=self.max_tokens,
+                    max_tokens=max_tokens,
+                    **extra,
                 )
         return [choice.message.content or "" for choice in response.choices]
+
+    def replies(self, chunk: Chunk, n: int, temperature: float) -> list[str]:
+        return self.complete(prompt_for(chunk, self.pairs_per_reply), n, temperature)
+
+
+class QuestionThenAnswer(OpenAIGenerator):
+    """A small served model that cannot be trusted to write JSON (the embedded SmolLM2 on llama.cpp's server).
+
+    Each pair takes two requests through the same limiter and retries as any API: a question about the chunk, then
+    its answer. With `reuse_prompt` (llama.cpp's server) a chunk's requests go one after another: each finds the
+    chunk already read in the server's prompt cache (the slot that just served it), where `n` replies or
+    simultaneous requests would each read the whole chunk again; several chunks run at once (`workers`, one server
+    slot each). Without it, one request asks for `n` questions and the answers are asked for all at once. An answer
+    cut by `max_tokens` loses its unfinished sentence; each pair is packed as the JSON an API model writes, so the
+    same parser and filters apply.
+    """
+
+    def __init__(self, model: str, *args: Any, reuse_prompt: bool = True, **kwargs: Any):
+        super().__init__(model, *args, **kwargs)
+        self.reuse_prompt = reuse_prompt
+
+    def _question(self, chunk: Chunk, n: int, temperature: float) -> list[str]:
+        # a question is one line: the reply stops at its first line break (what follows is the model answering itself)
+        max_tokens = min(QUESTION_TOKENS, self.max_tokens)
+        return [first_question(q) for q in self.complete(question_prompt(chunk), n, temperature, max_tokens, ["\n"])]
+
+    def _answer(self, chunk: Chunk, question: str, temperature: float) -> str:
+        if not question:
+            return ""  # nothing to answer: the pair is dropped as "missing or empty question"
+        return whole_sentences(self.complete(answer_prompt(chunk, question), 1, temperature)[0])
+
+    def replies(self, chunk: Chunk, n: int, temperature: float) -> list[str]:
+        if self.reuse_prompt:
+            questions = [self._question(chunk, 1, temperature)[0] for _ in range(n)]
+            answers = [self._answer(chunk, q, temperature) for q in questions]
+        else:
+            questions = self._question(chunk, n, temperature)
+            with ThreadPoolExecutor(max_workers=max(1, len(questions))) as pool:
+                answers = list(pool.map(lambda q: self._answer(chunk, q, temperature), questions))
+        return [pack_pair(q, a) for q, a in zip(questions, answers, strict=True)]

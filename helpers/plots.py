@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 import matplotlib.pyplot as plt  # headless runs fall back to the Agg backend by themselves
@@ -52,15 +53,29 @@ def before_after_bars(values: dict[str, Any], ylabel: str = "eval loss") -> Figu
     return _finish(fig)
 
 
-def metric_bars(base: dict[str, float], tuned: dict[str, float], metrics: tuple[str, ...], title="") -> Figure:
-    """Grouped bars, base vs tuned, one group per metric (each on its own axis: scales differ)."""
-    fig, axes = plt.subplots(1, len(metrics), figsize=(2.4 * len(metrics), 3.2))
-    for ax, metric in zip(axes, metrics, strict=True):
-        bars = ax.bar(["base", "tuned"], [base[metric], tuned[metric]], color=["#8C8C8C", "#55A868"])
+def metric_bars(
+    base: dict[str, float],
+    tuned: dict[str, float],
+    metrics: tuple[str, ...],
+    title: str = "",
+    labels: dict[str, str] | None = None,
+    reference: dict[str, float] | None = None,
+) -> Figure:
+    """Grouped bars, base vs tuned, one panel per metric (each on its own axis: scales differ).
+
+    `labels`: each panel's title, e.g. with its scale and direction ("loop_rate (share 0-1, lower is better)");
+    `reference`: the references' own value where a metric has one (mean_tokens), drawn as a third bar.
+    """
+    fig, axes = plt.subplots(1, len(metrics), figsize=(2.6 * len(metrics), 3.4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        names, values = ["base", "tuned"], [base[metric], tuned[metric]]
+        if reference and metric in reference:
+            names, values = [*names, "reference"], [*values, reference[metric]]
+        bars = ax.bar(names, values, color=["#8C8C8C", "#55A868", "#4C72B0"][: len(names)])
         ax.bar_label(bars, fmt="%.3g")
-        ax.set_title(metric)
+        ax.set_title(textwrap.fill((labels or {}).get(metric, metric), 22), fontsize=9)
         ax.margins(y=0.2)
-    fig.suptitle(title or "Generated answers vs references (higher is better)")
+    fig.suptitle(title or "Generated answers vs references (each panel: its own scale and direction)")
     return _finish(fig)
 
 
@@ -84,16 +99,21 @@ def subject_bars(per_subject: dict[str, dict[str, float]]) -> Figure:
 def change_intervals(rows: list[dict[str, Any]]) -> Figure:
     """Each metric's change base -> tuned as a point with its 95% interval, one panel per metric (scales differ).
 
-    `rows` as `helpers.evaluation.changes_table` gives them; green: tuned better, red: worse, grey: can't tell.
+    `rows` as `helpers.evaluation.changes_table` gives them; green: tuned better, red: worse, grey: can't tell
+    (the verdict already knows each metric's direction: a loop rate that falls is green).
     """
     colours = {"yes": "#55A868", "no": "#C44E52"}
     fig, axes = plt.subplots(len(rows), 1, figsize=(6, 0.75 * len(rows) + 0.6), squeeze=False)
     for ax, row in zip(axes[:, 0], rows, strict=True):
         change, low, high = row["change"], row["low"], row["high"]
-        ax.errorbar([change], [0], xerr=[[change - low], [high - change]], fmt="o", capsize=4,
-                    color=colours.get(row["tuned better"], "#8C8C8C"))  # fmt: skip
+        # An interval always holds its estimate (helpers.evaluation.paired_bootstrap); max(0, ...) keeps a rounding
+        # error in a caller's numbers from reaching matplotlib, which refuses negative error bars.
+        xerr = [[max(0.0, change - low)], [max(0.0, high - change)]]
+        ax.errorbar([change], [0], xerr=xerr, fmt="o", capsize=4, color=colours.get(row["tuned better"], "#8C8C8C"))
         ax.axvline(0, color="black", linewidth=0.8)
-        ax.set_yticks([0], [f"{row['metric']}: {row['tuned better']}"])
+        holm = row.get("tuned better (Holm)", row["tuned better"])
+        after = f" (Holm: {holm})" if holm != row["tuned better"] else ""
+        ax.set_yticks([0], [f"{row['metric']}: {row['tuned better']}{after}"])
         ax.margins(x=0.3)
     fig.suptitle("Change base -> tuned, paired bootstrap 95% intervals (0 = no change)")
     return _finish(fig)

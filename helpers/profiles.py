@@ -34,6 +34,7 @@ class ModelSettings(_Section):
     backend: Literal["auto", "transformers", "unsloth"] = "transformers"  # "auto": Unsloth with CUDA on a GPU profile
     requires_gpu: bool = False
     load_in_4bit: bool = False
+    cpu_4bit: bool = False  # allow 4-bit (bitsandbytes NF4) without a GPU: only the Llama 3.1 twin's profile
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     max_seq_length: int = Field(512, ge=32)
     chat_template: Literal["chatml", "llama3"] = "chatml"  # used only when the tokenizer has none
@@ -75,6 +76,17 @@ class TrainSettings(_Section):
     neftune_noise_alpha: float | None = Field(None, gt=0)  # NEFTune: noise on the input embeddings (5-15), None: off
     # Where the trainer logs: "trackio" (local dashboard, `trackio show`), "tensorboard", "wandb", or "none"
     report_to: list[Tracker] = Field(default_factory=lambda: list[Tracker](["none"]))
+    # Why this profile chose a value (one sentence per field name): notebook 04 prints it beside the value and its
+    # usual range, so a choice outside the range is explained by the profile that makes it
+    why: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("why")
+    @classmethod
+    def _reasons_for_known_fields(cls, why: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(why) - set(cls.model_fields))
+        if unknown:
+            raise ValueError(f"train.why names fields that train does not have: {unknown}")
+        return why
 
 
 class PrepareSettings(_Section):
@@ -135,6 +147,12 @@ class EvalSettings(_Section):
     bootstrap_samples: int = Field(1000, ge=100)  # paired bootstrap resamples for the 95% intervals
     # greedy: score the model as trained (loops show); infer: with the infer section's decoding settings
     decoding: Literal["greedy", "infer"] = "greedy"
+    # "Should you fine-tune?" (07, helpers.alternatives): the base model with k worked examples from the training
+    # split, or with the k training pairs BM25 retrieves per question; each prompt + max_new_tokens fits max_seq_length
+    prompt_examples: int = Field(3, ge=1)  # k worked examples in the prompting system's prompt
+    example_choice: Literal["random", "shortest", "first"] = "random"  # random: seeded by data.seed
+    rag_top_k: int = Field(3, ge=1)  # training pairs retrieved per question (RAG and tuned + RAG)
+    alternatives_questions: int | None = Field(None, ge=1)  # the first n of 07's questions (None: all); 3 answers each
 
 
 class ClassroomSettings(_Section):

@@ -130,6 +130,11 @@ def summary(run: RunFolder, seconds: dict[str, float]) -> str:
         f"{_fmt(evaluation.get('loop_rate_tuned'))}",
         "07 general Qs ROUGE-L": f"{_fmt(evaluation.get('forgetting_rougeL_base'))} -> "
         f"{_fmt(evaluation.get('forgetting_rougeL_tuned'))}",
+        "07 answer loss (s/question)": ", ".join(
+            f"{name} {_fmt(v.get('answer_loss'))} ({_fmt(v.get('seconds_per_question'), 2)})"
+            for name, v in evaluation.get("alternatives", {}).items()
+        )
+        or "not measured",
         "exercises": ", ".join(f"{n} {v}" for v, n in Counter(results(run).values()).items()) or "none checked",
         "adapter folder": _relative(adapter_dir(run)) if train else "not trained",
     }

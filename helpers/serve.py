@@ -39,6 +39,12 @@ class PortInUseError(ServerError):
     """The asked-for port is taken by another program."""
 
 
+def default_threads() -> int:
+    """Every core, unless OMP_NUM_THREADS says fewer (the tests give each worker one): llama.cpp's threads spin, so
+    two of them sharing one busy core run several times slower than one."""
+    return max(1, int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port the system has just said is free."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -82,7 +88,7 @@ class LlamaServer:
             raise ServerError(f"No GGUF file at {self.gguf}: export it first (helpers.gguf_converter.convert_to_gguf).")
         self.host = "127.0.0.1"  # the lesson's server is local only; it has no API key
         self.port = port
-        self.threads = threads or max(1, os.cpu_count() or 1)
+        self.threads = threads or default_threads()
         self.parallel = parallel
         self.context = context
         self.log_file = Path(log_file) if log_file else self.gguf.with_suffix(".server.log")

@@ -277,7 +277,12 @@ def save_report(run: RunFolder, report: dict[str, Any], figures: dict[str, Figur
 
     out = run.begin(EVAL)
     _json(out / REPORT, report)
-    (out / REPORT_MD).write_text(report_markdown(report), encoding="utf-8")
+    text = report_markdown(report)
+    if "alternatives" in report:  # 07's prompting / RAG comparison (alternatives imports evaluation: added here)
+        from helpers.alternatives import alternatives_markdown
+
+        text += "\n\n" + alternatives_markdown(report["alternatives"])
+    (out / REPORT_MD).write_text(text, encoding="utf-8")
     _figures(out, figures)
     return run.commit(EVAL, report["headline"])
 

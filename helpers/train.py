@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from helpers.backend import HardwareError, check_hardware, cuda_available, uses_unsloth, wants_unsloth
+from helpers.lesson import shown_path
 from helpers.profiles import Profile, ProfileError, load_profile
 from helpers.runfolder import MissingStepError, RunFolder, RunNameError, runs_dir
 from helpers.steps import TRAIN, checkpoints_dir, load_trainable, save_training, tracking_dir
@@ -112,11 +113,19 @@ def train(profile: Profile, run_name: str, evaluate: bool = True) -> dict[str, A
     set_seed(profile.train.seed)
     with state.main_process_first():  # opening may repair an interrupted commit: one process at a time
         run = RunFolder.open(run_name, profile.name, seed=profile.train.seed)
-    _log(state, f"{state.distributed_type} backend={state.backend} device={state.device} run folder {run.root}")
+    where = shown_path(run.root)  # relative to the project or $LLM_SCHOOL_RUNS: the log is shown in notebook 09
+    _log(state, f"{state.distributed_type} backend={state.backend} device={state.device} run folder {where}")
     model, tokenizer, card, splits = load_trainable(run, profile)
     rank_log = _rank_log_callback(state)
     trainer = build_trainer(
-        model, tokenizer, splits, profile, checkpoints_dir(run), callbacks=[rank_log], tracking_dir=tracking_dir(run)
+        model,
+        tokenizer,
+        splits,
+        profile,
+        checkpoints_dir(run),
+        callbacks=[rank_log],
+        tracking_dir=tracking_dir(run),
+        run_name=run.root.name,
     )
     batch = profile.train.per_device_train_batch_size
     total = batch * state.num_processes * profile.train.gradient_accumulation_steps
@@ -155,7 +164,7 @@ def train(profile: Profile, run_name: str, evaluate: bool = True) -> dict[str, A
         if evaluate:
             plots["eval_loss"] = before_after_bars({"before": before, "after": after})
         save_training(run, trainer, tokenizer, result, plots)
-        _log(state, f"saved {run.path(TRAIN)}")
+        _log(state, f"saved {shown_path(run.path(TRAIN))}")
     else:
         # FSDP and ZeRO-3 gather the full weights in a collective every process joins; the others write nothing
         trainer.save_model()
@@ -179,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(RESULT_PREFIX + json.dumps(result, default=str))
-        print(f"runs folder: {runs_dir()}", flush=True)
+        print(f"runs folder: {shown_path(runs_dir())}", flush=True)
     return 0
 
 

@@ -8,19 +8,26 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import datasets
+import pandas as pd
 import torch
 from datasets import DatasetDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers.integrations import TrackioCallback
+from transformers.utils.notebook import NotebookProgressCallback
 from trl import SFTConfig, SFTTrainer
 
 from helpers.backend import cuda_available, mixed_precision
 from helpers.cpu_loss import AnswerHeadSFTTrainer
 from helpers.data import DataError, check_end_of_turn_trained
 from helpers.profiles import Profile
-from helpers.tracking import report_to
+from helpers.tracking import LocalTrackioCallback, report_to, tracking_names
+from helpers.training_log import TidyProgressCallback
 
 # The SFTConfig fields a learner should look at, in the order notebook 04 shows them.
 KEY_FIELDS = (
@@ -45,10 +52,47 @@ KEY_FIELDS = (
     "seed",
 )
 
+# What each setting does and its usual range: notebook 04 prints these beside the run's values, with the profile's
+# own reason (`train.why`) where it has one. The two derived rows are worked out from the run.
+EFFECTIVE_BATCH, PASSES = "effective batch", "passes over the training rows"
+GUIDE = {
+    "max_steps": "how long to train: optimizer updates (see the passes over the training rows below)",
+    "per_device_train_batch_size": "1-8 rows per step on a CPU or a 24 GB GPU; bigger is faster per token until "
+    "memory runs out",
+    "gradient_accumulation_steps": "1-16: steps summed into one update, a bigger batch at no memory cost",
+    EFFECTIVE_BATCH: "batch x accumulation: rows behind each update; bigger gives smoother steps",
+    PASSES: "1-3 is usual for LoRA; more passes learn the training rows by heart (over-fitting)",
+    "learning_rate": "1e-4 to 1e-3 for LoRA, far higher than full fine-tuning's ~2e-5: only the small adapters move",
+    "lr_scheduler_type": "linear or cosine: the rate decays after the warm-up, so late updates are gentle",
+    "warmup_steps": "a few steps (up to ~10% of max_steps) of rising rate keep the first updates gentle",
+    "optim": "adamw_torch on a CPU; adamw_8bit on a GPU saves optimizer memory",
+    "weight_decay": "0-0.1: pulls weights towards zero; matters little in a short LoRA run",
+    "max_length": "at least the longest example in tokens; memory grows with it",
+    "packing": "off here: each row is one example, so the eval loss is per answer",
+    "completion_only_loss": "on: the loss falls on the answer only (prompt-completion rows)",
+    "gradient_checkpointing": "on: less activation memory, slower steps; off for a small model",
+    "bf16": "16-bit training where the GPU supports it; a CPU trains in float32",
+    "fp16": "16-bit training on older GPUs without bfloat16",
+    "eval_strategy": "steps: the held-out loss is measured every eval_steps",
+    "eval_steps": "how often the held-out loss is measured",
+    "save_strategy": "steps: checkpoints to resume from every save_steps",
+    "save_steps": "how often a checkpoint is written (unused when save_strategy is no)",
+    "seed": "the same seed gives the same run",
+}
+USUAL = {  # numeric ranges a value is checked against (inclusive)
+    "learning_rate": (1e-4, 1e-3),
+    "per_device_train_batch_size": (1, 8),
+    "gradient_accumulation_steps": (1, 16),
+    PASSES: (1.0, 3.0),
+}
 
-def sft_config(profile: Profile, output_dir: str | Path, tracking_dir: str | Path | None = None) -> SFTConfig:
+
+def sft_config(
+    profile: Profile, output_dir: str | Path, tracking_dir: str | Path | None = None, run_name: str | None = None
+) -> SFTConfig:
     """Every SFTConfig choice comes from the profile; only hardware-dependent ones are derived here. Local trackers
-    write into `tracking_dir` (`steps.tracking_dir(run)` in the lessons; None: into `output_dir`)."""
+    write into `tracking_dir` (`steps.tracking_dir(run)` in the lessons; None: into `output_dir`), as project
+    `run_name` (the run folder's name; None: the profile's)."""
     train = profile.train
     cuda = cuda_available()
     return SFTConfig(
@@ -78,6 +122,8 @@ def sft_config(profile: Profile, output_dir: str | Path, tracking_dir: str | Pat
         seed=train.seed,
         data_seed=train.seed,
         report_to=report_to(train.report_to, tracking_dir or output_dir),
+        **tracking_names(run_name, profile.name),
+        trackio_static_space_id=False,  # never a Hub Space for the dashboard: it stays on this machine
         dataset_num_proc=None,
         dataloader_pin_memory=cuda,  # pinning only helps copies to a GPU
     )
@@ -92,21 +138,29 @@ def build_trainer(
     callbacks: list[TrainerCallback] | None = None,
     config: SFTConfig | None = None,
     tracking_dir: str | Path | None = None,
+    run_name: str | None = None,
 ) -> SFTTrainer:
     """An SFTTrainer over the train/eval splits, with the end-of-turn check run on what it will train.
 
-    `config` replaces the profile's SFTConfig (the throughput benchmark varies it).
+    `config` replaces the profile's SFTConfig (the throughput benchmark varies it); `run_name` names the tracked
+    run's project (the run folder's name). Preparing the splits shows no progress bars; in a notebook the progress
+    table rounds its figures, and trackio logs locally without output (`helpers.tracking`).
     """
     # trl's own fused head is the better one where Triton runs (GPU): it never builds the full logits
     trainer_class = SFTTrainer if cuda_available() else AnswerHeadSFTTrainer
-    trainer = trainer_class(
-        model=model,
-        args=config or sft_config(profile, output_dir, tracking_dir),
-        train_dataset=splits["train"],
-        eval_dataset=splits["eval"],
-        processing_class=tokenizer,
-        callbacks=callbacks,
-    )
+    with _no_dataset_progress_bars():  # trl tokenises, labels, truncates and filters each split: eight bars
+        trainer = trainer_class(
+            model=model,
+            args=config or sft_config(profile, output_dir, tracking_dir, run_name),
+            train_dataset=splits["train"],
+            eval_dataset=splits["eval"],
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
+    if trainer.pop_callback(NotebookProgressCallback) is not None:
+        trainer.add_callback(TidyProgressCallback)
+    if trainer.pop_callback(TrackioCallback) is not None:
+        trainer.add_callback(LocalTrackioCallback)
     eot_id = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
     for name, dataset in (("train", trainer.train_dataset), ("eval", trainer.eval_dataset)):
         if "labels" not in dataset.column_names:
@@ -116,9 +170,66 @@ def build_trainer(
     return trainer
 
 
+@contextmanager
+def _no_dataset_progress_bars():
+    was_off = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_off:
+            datasets.enable_progress_bars()
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, Enum) else value  # SchedulerType.COSINE -> "cosine"
+
+
 def key_settings(config: SFTConfig) -> dict[str, Any]:
-    """The SFTConfig fields worth reading, as plain values."""
-    return {name: getattr(config, name) for name in KEY_FIELDS}
+    """The SFTConfig fields worth reading, as plain values (enums as their names in a profile: "cosine")."""
+    return {name: _plain(getattr(config, name)) for name in KEY_FIELDS}
+
+
+def _in_usual_range(name: str, value: Any) -> str:
+    if name not in USUAL or not isinstance(value, int | float):
+        return ""
+    low, high = USUAL[name]
+    return "below the usual range" if value < low else "above the usual range" if value > high else ""
+
+
+def settings_table(trainer: SFTTrainer, profile: Profile) -> pd.DataFrame:
+    """Notebook 04's table: each key setting's value in this run, what it does and its usual range, and the
+    profile's reason for it (`train.why`), flagged where the value is outside the usual range. Two rows are
+    worked out from the run: the effective batch and the passes over the training rows that max_steps makes."""
+    args = trainer.args
+    values = key_settings(args)
+    effective = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    rows_seen = args.max_steps * effective
+    train_rows = len(trainer.train_dataset)
+    derived = {
+        EFFECTIVE_BATCH: effective,
+        PASSES: round(rows_seen / train_rows, 2),
+    }
+    shown = {
+        **{k: values[k] for k in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps")},
+        **derived,
+        **{k: v for k, v in values.items() if k not in derived},
+    }
+    rows = []
+    for name, value in shown.items():
+        flag = _in_usual_range(name, value)
+        # the reason for max_steps is a reason for the passes it makes: shown there, where the range is checked
+        reason = "" if name == "max_steps" else profile.train.why.get("max_steps" if name == PASSES else name, "")
+        if name == PASSES:
+            value = f"{value} ({rows_seen:,} rows seen, {train_rows:,} training rows)"
+        rows.append(
+            {
+                "this run": value,
+                "what it does, usual range": GUIDE.get(name, ""),
+                f"profile {profile.name}": " ".join(x for x in (flag and f"{flag.capitalize()}.", reason) if x),
+            }
+        )
+    return pd.DataFrame(rows, index=pd.Index(list(shown), name="setting"))
 
 
 class DiskSpaceError(OSError):

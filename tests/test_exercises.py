@@ -43,17 +43,46 @@ def test_solution_copies_replace_only_the_answer_cells(tmp_path):
         write_solutions(tmp_path / "x", {"01.1": "answer_01_1 = 1"})
 
 
-def test_check_says_and_records_correct_wrong_and_unanswered(tmp_path, tokenizer, capsys):
+def test_check_says_and_records_correct_wrong_and_unanswered(tmp_path, tokenizer):
     run = RunFolder(tmp_path, "cpu-smoke")
     right = len(tokenizer("What is a SYN flood?", add_special_tokens=False)["input_ids"])
     assert check(run, "01.1", right, tokenizer=tokenizer)
-    assert not check(run, "07.1", 2.0, loss=1.0)
-    assert "Hint: Perplexity is exp" in capsys.readouterr().out
+    wrong = check(run, "07.1", 2.0, loss=1.0)
+    assert not wrong and "Hint: Perplexity is exp" in repr(wrong)
     assert check(run, "07.1", math.e + 1e-4, loss=1.0), "numbers are compared with the exercise's tolerance"
-    assert not check(run, "05.1", None, history={"train": [(1, 2.0)]})
-    assert "not answered yet" in capsys.readouterr().out
+    unanswered = check(run, "05.1", None, history={"train": [(1, 2.0)]})
+    assert not unanswered and "not answered yet" in repr(unanswered)
     assert results(run) == {"01.1": "correct", "05.1": "not answered", "07.1": "correct"}
     assert not check(run, "01.1", "eight", tokenizer=tokenizer)
+
+
+def test_a_check_shows_a_sentence_never_a_bare_boolean(tmp_path, capsys):
+    """The check cell's last line displays what check returns: a notebook shows its repr, which must read as a
+    sentence that names the exercise and the answer variable, whatever the verdict."""
+    from IPython.core.formatters import PlainTextFormatter
+
+    run = RunFolder(tmp_path, "cpu-smoke")
+    history = {"train": [(1, 3.0), (2, 2.0)]}
+    shown = {
+        verdict: PlainTextFormatter()(check(run, "05.1", answer, history=history))
+        for verdict, answer in (("not answered", None), ("wrong", 1), ("correct", 2))
+    }
+    assert capsys.readouterr().out == "", "the sentence is the result, shown once, not printed as well"
+    assert shown["not answered"] == (
+        "Exercise 05.1: not answered yet. Write your answer in `answer_05_1` in the cell above, then run that cell "
+        "and this one again."
+    )
+    assert shown["wrong"].startswith("Exercise 05.1: 1 is not the expected answer yet. Hint: history['train']")
+    assert shown["correct"] == "Exercise 05.1: 2 is correct."
+    assert all(text not in ("True", "False") and text.endswith(".") for text in shown.values())
+
+
+def test_exercise_06_1_hint_names_the_helper_and_the_eos_id_the_notebook_uses():
+    notebook = nbformat.read(NOTEBOOKS[0].parent / "06_infer.ipynb", as_version=4)
+    task = next(c.source for c in notebook.cells if "Exercise 06.1" in c.source)
+    hint = EXERCISES["06.1"].hint
+    for words in ("eos_token_id=-1", "chat_inputs", "helpers.inference"):
+        assert words in task and words in hint, words
 
 
 def test_classroom_runs_each_learner_and_reports_failures(tmp_path, monkeypatch, capsys):

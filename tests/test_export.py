@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.data import load_rows, to_prompt_completion
+from helpers.evaluation import answer_losses, summarise_losses
+from helpers.export import MERGE_LOSS_BOUND, QUANTIZED_LOSS_BOUND
 from helpers.export_errors import ConverterMissingError, DiskSpaceError, ExportError, RoundTripError
 from helpers.gguf_converter import check_converter, convert_to_gguf
 from helpers.gguf_file import check_metadata, gguf_metadata, load_gguf_weights, restore_weights
@@ -32,7 +35,7 @@ from helpers.model import load_model, resolve_model
 from helpers.ollama import modelfile, ollama_template, render_ollama
 from helpers.pins import pinned
 from helpers.profiles import load_profile
-from helpers.round_trip import RoundTrip, compare_greedy, require_sound, round_trip
+from helpers.round_trip import compare_greedy, require_sound, round_trip, served_check
 from helpers.serve import LlamaServer, chat_body
 from helpers.steps import ADAPTER, MERGED, TRAIN, gguf_name
 
@@ -54,11 +57,14 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
             weight.data.copy_(torch.randn(weight.shape, generator=generator) * 0.02)
     peft_model.save_pretrained(out / ADAPTER)
     tuned, tokenizer = load_for_merge(out / ADAPTER, profile)
+    rows = [to_prompt_completion(r) for r in load_rows("sample").rows[:2]]
+    unmerged_loss = summarise_losses(answer_losses(tuned, tokenizer, rows, 1))["loss"]
     merged = merge_adapter(tuned)
     info = save_merged(merged, tokenizer, out / MERGED, QUESTIONS)
     f16 = convert_to_gguf(out / MERGED, out / gguf_name("f16"), "f16", out / "convert.log")
     return {"dir": out, "merged_dir": out / MERGED, "gguf": out / gguf_name("f16"), "merged": merged,
-            "tokenizer": tokenizer, "info": info, "f16": f16, "profile": profile}  # fmt: skip
+            "tokenizer": tokenizer, "info": info, "f16": f16, "profile": profile, "rows": rows,
+            "unmerged_loss": unmerged_loss}  # fmt: skip
 
 
 def test_merge_changes_weights_and_saves_end_of_turn(exported: dict) -> None:
@@ -155,43 +161,58 @@ def test_gguf_whose_names_do_not_map_is_an_error(exported: dict, tmp_path: Path)
     assert all(torch.equal(p, saved[n]) for n, p in model.named_parameters())
 
 
-def test_f16_round_trip_is_identical_and_served_answer_equals_merged(exported: dict) -> None:
+def test_f16_round_trip_scores_every_position_and_the_served_route(exported: dict) -> None:
     merged, tokenizer = exported["merged"], exported["tokenizer"]
+    probes = ["tabs\tand\nnew lines  ", "émigré 𝛑 ünïcode <b>x</b>"]
     with LlamaServer(exported["gguf"], threads=2) as server:
-        trip, references = round_trip(server, merged, tokenizer, QUESTIONS, SYSTEM, 20, "f16")
+        trip, references = round_trip(server, merged, tokenizer, QUESTIONS, SYSTEM, 20, "f16", probe_texts=probes)
+        served = served_check(server, merged, tokenizer, QUESTIONS[0], SYSTEM, 20, "f16", references[0])
         reply = server.post("/v1/chat/completions", chat_body(QUESTIONS[0], SYSTEM, 20))
         pid = server.process.pid
-    assert trip.prompt_tokens_match
-    assert trip.identical == len(QUESTIONS), [r["divergence"] for r in trip.rows]
-    assert trip.verdict(0.05) == "identical"
+    assert trip.prompt_tokens_match and trip.probes_match and len(trip.probes) == len(probes)
+    scored = sum(len(r["tokens"]) + r["stopped"] for r in references)
+    assert trip.positions == scored  # every position, the stop token included when the answer stopped
+    assert trip.verdict().startswith("ok"), trip.failures
+    assert trip.max_logprob_diff is not None and trip.max_logprob_diff < 0.05  # f16 rounding: small
+    assert served["prompt_tokens_match"] and served["served_equals_merged"]
+    assert served["teacher_forced"]["positions"] == len(references[0]["tokens"]) and not served["teacher_forced"][
+        "failures"]  # fmt: skip
     assert reply["choices"][0]["message"]["content"].strip() == tokenizer.decode(references[0]["tokens"]).strip()
     assert not server.running and not Path(f"/proc/{pid}").exists()
 
 
-def test_compare_greedy_reports_first_divergence_with_scores(exported: dict) -> None:
+def test_merged_model_scores_like_the_unmerged_adapter(exported: dict) -> None:
+    """The held-out answer loss of base + adapter (what 05-07 measured, fp32 here) and of the merged model."""
+    merged_loss = summarise_losses(answer_losses(exported["merged"], exported["tokenizer"], exported["rows"], 1))
+    change = (merged_loss["loss"] - exported["unmerged_loss"]) / exported["unmerged_loss"]
+    assert abs(change) <= MERGE_LOSS_BOUND[False], change
+
+
+def test_q8_0_meets_its_loss_bar_with_strict_loading(exported: dict) -> None:
+    out = exported["dir"] / gguf_name("q8_0")
+    convert_to_gguf(exported["merged_dir"], out, "q8_0", exported["dir"] / "convert-q8.log")
+    model, _ = _fresh_merged(exported)
+    tokenizer, rows = exported["tokenizer"], exported["rows"]
+    before = summarise_losses(answer_losses(model, tokenizer, rows, 1))["loss"]
+    done = load_gguf_weights(model, out)  # strict: raises on a missing or unplaced weight
+    assert done["tied"] == ["lm_head.weight"]  # SmolLM2 ties its head to the embeddings
+    after = summarise_losses(answer_losses(model, tokenizer, rows, 1))["loss"]
+    assert after != before and abs(after - before) / before <= QUANTIZED_LOSS_BOUND
+
+
+def test_compare_greedy_counts_the_agreeing_prefix(exported: dict) -> None:
     tokenizer = exported["tokenizer"]
-    reference = {"tokens": [10, 11, 12], "stopped": True, "top2": [[(10, 5.0), (9, 1.0)], [(11, 3.01), (13, 3.0)],
-                                                                       [(12, 2.0), (1, 0.0)]]}  # fmt: skip
-    candidate = {"tokens": [10, 13, 12], "stopped": True, "top_logprobs": [{}, {"x": -0.69}, {}]}
-    row = compare_greedy(reference, candidate, tokenizer)
-    assert not row["identical"] and row["agreeing_tokens"] == 1
-    assert row["divergence"]["position"] == 1 and row["divergence"]["merged_top2_gap"] == pytest.approx(0.01)
-    trip = RoundTrip("f16", [row], True)
-    assert trip.verdict(0.05).startswith("1 near tie") and trip.verdict(0.001).startswith("fail")
-    assert "reported, not required" in RoundTrip("q8_0", [row], True).verdict(0.001)  # q8_0 is lossy on purpose
-    assert RoundTrip("q8_0", [row], False).verdict(0.05).startswith("fail")  # a wrong tokenizer always fails
+    row = compare_greedy({"tokens": [10, 11, 12], "stopped": True}, {"tokens": [10, 13, 12], "stopped": True},
+                         tokenizer)  # fmt: skip
+    assert not row["identical"] and row["agreeing_tokens"] == 1 and row["tokens"] == 3
 
 
-def test_failed_round_trip_or_metadata_stops_the_lesson() -> None:
-    bad_row = {"identical": False, "agreeing_tokens": 0, "tokens": 3,
-               "divergence": {"merged_top2_gap": 2.5}}  # fmt: skip
+def test_failed_metadata_stops_the_lesson() -> None:
     ok_meta = {"f16": [{"check": "vocabulary type", "gguf": "gpt2", "source": "gpt2", "ok": True}]}
-    require_sound({"f16": RoundTrip("f16", [{**bad_row, "identical": True}], True)}, ok_meta, 0.05)
-    with pytest.raises(RoundTripError, match="f16: fail: answers differ"):
-        require_sound({"f16": RoundTrip("f16", [bad_row], True)}, ok_meta, 0.05)
+    require_sound({}, ok_meta)
     bad_meta = {"q8_0": [{"check": "vocabulary type", "gguf": "llama", "source": "gpt2", "ok": False}]}
     with pytest.raises(RoundTripError, match="q8_0: metadata vocabulary type is 'llama', expected 'gpt2'"):
-        require_sound({}, bad_meta, 0.05)
+        require_sound({}, bad_meta)
 
 
 def test_merge_loads_the_16bit_base_of_a_4bit_checkpoint() -> None:

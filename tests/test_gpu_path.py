@@ -126,6 +126,7 @@ def test_start_lesson_imports_unsloth_before_transformers(tmp_path):
     )
     code = textwrap.dedent("""
         import torch
+        import bitsandbytes  # loaded before CUDA is faked: peft imports it, and its CUDA backend needs a real GPU
         torch.cuda.is_available = lambda: True
         from helpers.lesson import start_lesson
         start_lesson("gpu-smoke", "gpu-dispatch-test")

@@ -1,8 +1,19 @@
 """Batched generation: the same greedy answers as one question at a time, and the profile's decoding settings."""
 
+import re
+
 import pytest
 
-from helpers.inference import GREEDY, Decoding, generate, generate_batch
+from helpers.inference import (
+    GREEDY,
+    Decoding,
+    decoding_table,
+    generate,
+    generate_batch,
+    least_distinct,
+    looping_answers,
+    stopping_summary,
+)
 from helpers.model import load_model
 
 QUESTIONS = [
@@ -71,7 +82,7 @@ def test_answers_table_escapes_model_and_data_text():
     html = answers_table([sample]).to_html()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "<script>" not in html
     assert "&lt;img src=x" in html and "<img" not in html and "&lt;b&gt;bold?" in html
-    assert "False/True" in html  # the tuned answer loops, the base answer does not
+    assert "no / yes" in html  # the tuned answer loops, the base answer does not
 
 
 def test_local_generator_batches_its_questions_and_answers(embedded):
@@ -97,3 +108,52 @@ def test_local_generator_batches_its_questions_and_answers(embedded):
     assert calls == [3, 3], "three questions in one generate call, then their three answers in another"
     pairs = [json.loads(r)["pairs"][0] for r in replies]
     assert len(pairs) == 3 and all(isinstance(p["question"], str) and isinstance(p["answer"], str) for p in pairs)
+
+
+def answer(text: str, tokens: int = 10, stopped: bool = True) -> dict:
+    return {"answer": text, "tokens": tokens, "stopped_by_itself": stopped, "seconds": 0.1}
+
+
+def test_the_stop_check_says_when_the_budget_cannot_show_it():
+    samples = [{"base": answer("a", 24, False), "tuned": answer("b", 24, False)}] * 2
+    short = stopping_summary(samples, [101, 137, 158], 24)
+    assert short == (
+        "The training answers are 101-158 tokens long (median 137) and the budget, infer.max_new_tokens, is 24: "
+        "shorter than every training answer, so no answer can end by itself under this profile and the check says "
+        "nothing here. 0 of 2 tuned answers ended by themselves (base: 0)."
+    )
+    samples = [
+        {"base": answer("a", 224, False), "tuned": answer("b", 140)},
+        {"base": answer("c"), "tuned": answer("d")},
+    ]
+    roomy = stopping_summary(samples, [101, 137, 203, 250], 224)
+    assert roomy.endswith("is 224: room for 3 of 4 of them. 2 of 2 tuned answers ended by themselves (base: 1).")
+
+
+def test_loops_are_found_and_else_the_least_varied_answers_stand_in():
+    loop = "the current user's role, " * 6
+    answers = [answer("a plain answer with words that differ"), answer(loop), answer("x y x y z"), answer(loop)]
+    assert looping_answers(answers) == [1, 3]
+    assert least_distinct([answers[0], answers[2]], 1) == [1]  # "x y" twice: the fewest distinct word pairs
+
+
+def test_the_decoding_table_formats_its_numbers_and_escapes_answers():
+    loop = "<b>the current user's role</b>, " * 6
+    decoded = {
+        "greedy": [answer(loop, 120, False), answer("fine", 31)],
+        "sampling": [answer("ok", 40), answer("ok", 9)],
+    }
+    html = decoding_table(decoded).to_html()
+    for shown in ("1 of 2", "0 of 2", "1 of 2", "76", "2 of 2", "&lt;b&gt;the current"):
+        assert shown in html, shown
+    assert "<b>" not in html and not re.search(r"\d\.\d{5,}", html)
+
+
+def test_the_classroom_budget_leaves_room_for_every_training_answer(tokenizer, sample_rows):
+    """06's stop check works under cpu-lab: its budget holds the longest answer of the sample (same tokenizer)."""
+    from helpers.data import to_prompt_completion
+    from helpers.inference import answer_lengths
+    from helpers.profiles import load_profile
+
+    lengths = answer_lengths(tokenizer, [to_prompt_completion(row) for row in sample_rows])
+    assert max(lengths) <= load_profile("cpu-lab").infer.max_new_tokens, max(lengths)

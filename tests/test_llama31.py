@@ -7,6 +7,7 @@ import pytest
 import torch
 from llama_models.datatypes import RawMessage, StopReason
 from llama_models.llama3.chat_format import ChatFormat
+from notebook_outputs import default_machine_paths, folder_offences, report
 
 from helpers import chat
 from helpers.backend import HardwareError, check_hardware
@@ -19,7 +20,7 @@ from helpers.model import end_of_turn_ids, load_model, pick_pad_token
 from helpers.ollama import modelfile, ollama_template, render_ollama
 from helpers.profiles import load_profile
 from helpers.runfolder import RunFolder
-from helpers.steps import CHAIN, EXPORT, MODEL, MODELFILE, TRAIN, gguf_name
+from helpers.steps import CHAIN, EXPORT, MODEL, MODELFILE, TRAIN, executed_dir, gguf_name
 
 BOS, END_OF_TEXT, PAD, EOM, EOT = 128000, 128001, 128004, 128008, 128009
 SYSTEM, QUESTION, ANSWER = "Be precise.", "What is a SYN\tscan? (ünïcode 😀)", "A half-open TCP scan."
@@ -138,6 +139,27 @@ def test_qlora_trains_on_the_cpu_in_4bit(twin, sample_rows):
     peft_model.unload()
 
 
+def test_an_evaluation_before_training_leaves_4bit_layers_trainable(twin):
+    """bitsandbytes repacks a CPU 4-bit weight for an inference kernel without a backward after an eval-mode
+    forward; 05 evaluates before it trains, so load_model turns that off. Gradients must reach the first layer."""
+    profile, model, tokenizer = twin
+    ids = torch.tensor([chat.prompt_ids(tokenizer, QUESTION, SYSTEM)])
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert layers and not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    model.train()
+    embeddings = model.get_input_embeddings()
+    embeddings.weight.requires_grad_(True)
+    try:
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert embeddings.weight.grad is not None and embeddings.weight.grad.abs().sum() > 0
+    finally:
+        embeddings.weight.requires_grad_(False)
+        embeddings.weight.grad = None
+
+
 def test_4bit_without_a_gpu_only_for_the_profile_that_opts_in():
     check_hardware(load_profile("cpu-llama31"))
     with pytest.raises(HardwareError, match="cpu_4bit"):
@@ -166,3 +188,5 @@ def test_lessons_01_to_09_run_on_the_llama31_twin(llama_chain):
     f16 = export["teacher_forced"]["f16"]
     assert f16["positions_compared"] > 0 and f16["beyond_noise"] == 0
     assert abs(export["merged_vs_trained_loss_change"]) < 0.05, "NF4 + adapter (05-07) vs the merged model (08)"
+    found = folder_offences(executed_dir(run), [*default_machine_paths(), llama_chain.run_dir.parent])
+    assert not found, f"{len(found)} output(s) a learner should not see:\n{report(found)}"

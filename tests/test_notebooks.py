@@ -1,12 +1,10 @@
 """The notebooks as source, and the whole chain executed with papermill."""
 
-import json
 import math
 from pathlib import Path
 
 import nbformat
 import pytest
-from smoke_chain import fork_through_training
 
 from helpers.backend import cuda_available
 from helpers.data import load_rows
@@ -151,38 +149,6 @@ def test_no_later_cell_reads_an_answer_so_student_copies_run_as_solved_ones_do()
                 name = cell.source.split("=")[0].strip()
                 readers = [c for c in cells[index + 2 :] if name in c.source]
                 assert not readers, f"{path.name}: a cell after exercise {name}'s check reads it"
-
-
-def test_model_and_data_text_in_07_is_escaped(smoke_chain, tmp_path, monkeypatch):
-    monkeypatch.setenv("LLM_SCHOOL_RUNS", str(fork_through_training(smoke_chain, "escaping").root.parent))
-    check_hostile_rows_are_escaped(tmp_path, "escaping")
-
-
-def check_hostile_rows_are_escaped(runs: Path, run_name: str) -> None:
-    """Security data holds HTML payloads on purpose: 07's tables must show them as text, never as live HTML."""
-    import papermill as pm
-
-    hostile = runs / "hostile.jsonl"
-    row = {"subject": "XSS", "system": "You are a security expert."}
-    rows = [
-        {**row, "instruction": "What does <script>alert(1)</script> do?",
-         "response": "It runs script in the page: <img src=x onerror=alert(2)> is another way in."},
-        {**row, "instruction": "How is <b>bold</b> injected?",
-         "response": "Through unescaped HTML such as <script>steal()</script> in a comment field."},
-    ]  # fmt: skip
-    hostile.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    executed = runs / "07_hostile.ipynb"
-    pm.execute_notebook(
-        str(NOTEBOOKS_DIR / f"{EVAL.notebook}.ipynb"), str(executed),
-        parameters={"PROFILE": "cpu-smoke", "RUN_NAME": run_name, "EVAL_DATA": str(hostile)},
-        cwd=str(NOTEBOOKS_DIR), kernel_name="python3",
-    )  # fmt: skip
-    nb = nbformat.read(executed, as_version=4)
-    html = "".join(
-        o.get("data", {}).get("text/html", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-    )
-    assert "&lt;script&gt;" in html, "the hostile rows should be shown, escaped"
-    assert "<script" not in html and "<img" not in html, "model or data text became live HTML"
 
 
 def test_appendix_compares_trainer_and_sfttrainer(runs):

@@ -19,7 +19,16 @@ import yaml
 
 from helpers import ROOT
 from helpers.launch import launch_command, rank_lines
-from helpers.memory import LLAMA31, accelerate_estimate, estimate, parameter_counts
+from helpers.memory import (
+    LLAMA31,
+    accelerate_estimate,
+    estimate,
+    fewest_gpus,
+    fits,
+    launcher_settings,
+    parameter_counts,
+    profile_estimate,
+)
 from helpers.profiles import list_profiles, load_profile
 from helpers.runfolder import RunFolder
 from helpers.serve import free_port
@@ -166,11 +175,60 @@ def test_big_profiles_validate_and_fit_their_gpus(name):
     assert profile.model.backend == "transformers", "Unsloth trains on one process: several need transformers"
     with pytest.raises(UnsupportedSetupError, match="Unsloth"):
         check_stack(profile.model_copy(update={"model": profile.model.model_copy(update={"backend": "unsloth"})}), 2)
-    method = "qlora" if profile.model.load_in_4bit else "lora"
-    e = estimate(d.model_size, method, d.strategy, d.gpus_per_node * d.nodes, d.offload, r=profile.lora.r,
-                 batch=profile.train.per_device_train_batch_size, seq=profile.model.max_seq_length)  # fmt: skip
+    launcher = launcher_settings(ROOT / d.launcher_config)
+    expected = {"strategy": d.strategy, "gpus": d.gpus_per_node * d.nodes, "nodes": d.nodes, "offload": d.offload}
+    assert launcher == expected, "the profile and its launcher config disagree"
+    e = profile_estimate(profile)
     print(f"{name}: {e.total_gib} GiB per GPU on {e.gpus} GPUs ({d.strategy})")
-    assert e.total_gib < 0.9 * d.min_gpu_memory_gib
+    assert fits(e, d.min_gpu_memory_gib)
+
+
+def test_multi_gpu_70b_says_what_the_calculator_gives():
+    """Its description: fits 4 x 24 GB and 2 x 48 GB as it is, 2 x 24 GB only with CPU offload (the offload config)."""
+    profile = load_profile("multi-gpu-70b")
+    for phrase in ("4 x 24 GB or 2 x 48 GB", "2 x 24 GB only with CPU offload", "fsdp-qlora-offload.yaml"):
+        assert phrase in profile.description
+    assert fits(profile_estimate(profile, gpus=4), 24) and fits(profile_estimate(profile, gpus=2), 48)
+    assert not fits(profile_estimate(profile, gpus=2), 24)
+    assert fits(profile_estimate(profile, gpus=2, offload=True), 24)
+
+
+def test_multi_node_405b_says_one_node_fits_qlora_and_full_fine_tuning_needs_many():
+    profile = load_profile("multi-node-405b")
+    assert "405B QLoRA fits one such node" in profile.description and "for speed" in profile.description
+    assert fits(profile_estimate(profile, gpus=8), 80)  # one node of 8 x 80 GB
+    full = fewest_gpus("405B", 80, method="full", strategy="zero3")
+    assert full is not None and full > 8 * profile.distributed.nodes  # more than this profile's 4 nodes
+
+
+OFFLOAD_CONFIG = ROOT / "configs" / "accelerate" / "fsdp-qlora-offload.yaml"
+
+
+def test_the_offload_config_is_accepted_by_accelerate_and_sized_by_the_calculator():
+    """accelerate's own launcher parses and validates it into the environment its FSDP plugin reads: FSDP2, FULL_SHARD,
+    parameters offloaded to CPU; the calculator, at those settings, fits 70B QLoRA on 2 x 24 GB, and would not
+    without the offload."""
+    from unittest import mock
+
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    args = launch_command_parser().parse_args(["--config_file", str(OFFLOAD_CONFIG), "train.py"])
+    args, _, _ = _validate_launch_command(args)
+    env = prepare_multi_gpu_env(args)
+    with mock.patch.dict(os.environ, env):
+        plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    assert isinstance(plugin.cpu_offload, CPUOffloadPolicy)
+    settings = launcher_settings(OFFLOAD_CONFIG)
+    assert settings == {"strategy": "fsdp_full", "gpus": 2, "nodes": 1, "offload": True}
+    profile = load_profile("multi-gpu-70b")
+    offloaded = profile_estimate(profile, config=OFFLOAD_CONFIG)
+    assert (offloaded.gpus, offloaded.offload, offloaded.optimizer_gib, offloaded.trainable_gib) == (2, True, 0, 0)
+    assert offloaded.cpu_ram_gib > 0 and fits(offloaded, 24)
+    assert not fits(profile_estimate(profile, config=OFFLOAD_CONFIG, offload=False), 24)
 
 
 def test_memory_calculator_agrees_with_accelerates_own_estimate():
@@ -178,7 +236,7 @@ def test_memory_calculator_agrees_with_accelerates_own_estimate():
         theirs = accelerate_estimate(size)
         assert parameter_counts(size)["total"] == pytest.approx(theirs["parameters"], rel=1e-6)
         ours = estimate(size, "full", "ddp", 1)
-        without_activations = ours.total_gib - ours.activations_gib
+        without_activations = ours.total_gib - ours.activations_gib - ours.logits_gib
         assert without_activations == pytest.approx(theirs["training_adam_gib"], rel=0.01)  # both 16 bytes/param
     assert parameter_counts("8B")["total"] == pytest.approx(8.03e9, rel=1e-3)
     assert parameter_counts("70B")["total"] == pytest.approx(70.6e9, rel=1e-3)

@@ -114,3 +114,50 @@ def test_train_figures_cover_the_resumed_part_of_a_resumed_run():
         "tokens_per_second": 9.0,
     }
     assert train_figures(before_kill + [{"train_runtime": 15}])["tokens_per_second"] == 20.0
+
+
+def test_settings_table_shows_plain_values_the_passes_and_the_profiles_reasons(tiny, tmp_path):
+    from enum import Enum
+
+    from helpers.trainer import PASSES, key_settings, settings_table
+
+    profile, model, tokenizer, card, splits = tiny
+    chosen = {"learning_rate": 0.002, "lr_scheduler_type": "cosine", "max_steps": 1}
+    why = {"learning_rate": "High on purpose.", "max_steps": "Short on purpose."}
+    lab = profile.model_copy(update={"train": profile.train.model_copy(update={**chosen, "why": why})})
+    trainer = build_trainer(model, tokenizer, splits, lab, tmp_path)
+    settings = key_settings(trainer.args)
+    assert (settings["lr_scheduler_type"], settings["optim"], settings["eval_strategy"]) == (
+        "cosine",
+        "adamw_torch",
+        "no",
+    )
+    assert not any(isinstance(value, Enum) for value in settings.values()), "enums print as the profile's words"
+    table = settings_table(trainer, lab)
+    reason = table[f"profile {profile.name}"]
+    assert reason["learning_rate"] == "Above the usual range. High on purpose."
+    # 1 step x 4 rows over 8 training rows: half a pass, below the usual range, with max_steps' reason beside it
+    assert table.loc[PASSES, "this run"] == "0.5 (4 rows seen, 8 training rows)"
+    assert reason[PASSES] == "Below the usual range. Short on purpose." and reason["max_steps"] == ""
+    assert reason["per_device_train_batch_size"] == "" and "1e-4 to 1e-3" in table.loc["learning_rate"].iloc[1]
+
+
+def test_the_progress_table_rounds_its_figures_and_shows_none_before_training(monkeypatch):
+    from types import SimpleNamespace
+
+    from transformers.trainer_callback import TrainerControl, TrainerState
+    from transformers.utils import notebook
+
+    from helpers.training_log import TidyProgressCallback, _TidyTracker
+
+    tracker = _TidyTracker(4, ["Step", "Training Loss"])
+    tracker.write_line({"Step": 2, "Training Loss": 4.372237, "Num Tokens": 1450.0})
+    assert tracker.inner_table[1] == [2, "4.3722", 1450]
+    shown = []
+    monkeypatch.setattr(notebook.disp, "display", lambda *args, **kwargs: shown.append(args))
+    args, state = SimpleNamespace(eval_strategy="steps"), TrainerState()  # all the callback reads of the arguments
+    metrics = {"eval_loss": 3.966204, "eval_runtime": 1.0}
+    TidyProgressCallback().on_evaluate(args, state, TrainerControl(), metrics=metrics)
+    assert shown == [] and metrics == {"eval_loss": 3.966204, "eval_runtime": 1.0}
+    notebook.NotebookProgressCallback().on_evaluate(args, state, TrainerControl(), metrics=dict(metrics))
+    assert "No log" in shown[0][0].data, "transformers' own callback would show 'Training Loss: No log'"
