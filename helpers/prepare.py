@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -139,11 +138,11 @@ SERVER_LOG = "helper-llm-server.log"  # in 00's cache folder: what llama.cpp's s
 
 
 def server_threads() -> int:
-    """Threads for llama.cpp's server: every core but one. Its threads wait for each other by spinning, so on a
-    machine whose cores are all busy (the notebook's kernel, other programs) one thread too many is many times
-    slower (measured on 2 shared cores: 12 tokens/s with 1 thread, under 2 with 2). Fewer when OMP_NUM_THREADS
-    says so (`helpers.serve.default_threads`)."""
-    return min(default_threads(), max(1, (os.cpu_count() or 1) - 1))
+    """Threads for llama.cpp's server: every core, fewer when OMP_NUM_THREADS says so (`helpers.serve.default_threads`:
+    the tests give each worker one). Its threads wait for each other by spinning, so on cores another program keeps
+    busy one thread too many is many times slower (measured on 2 shared cores: 12 tokens/s with 1 thread, under 2
+    with 2); on an idle machine the notebook's kernel only waits for the replies."""
+    return default_threads()
 
 
 MAX_SLOTS = 16  # each slot holds server_context() tokens of cache (~23 KB a token for the embedded model)

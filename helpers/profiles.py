@@ -106,7 +106,7 @@ class PrepareSettings(_Section):
     max_new_tokens: int = Field(1024, ge=16)  # per reply (the local backend: per answer)
     requests_per_minute: int = Field(500, ge=1)  # stay under the API's limits
     tokens_per_minute: int = Field(200_000, ge=1)
-    workers: int = Field(1, ge=1)  # concurrent requests (the local backend runs one at a time)
+    workers: int = Field(1, ge=1)  # chunks in flight at once (the local server: one slot each)
 
     @field_validator("api_key_env")
     @classmethod

@@ -164,7 +164,7 @@ def test_gguf_whose_names_do_not_map_is_an_error(exported: dict, tmp_path: Path)
 def test_f16_round_trip_scores_every_position_and_the_served_route(exported: dict) -> None:
     merged, tokenizer = exported["merged"], exported["tokenizer"]
     probes = ["tabs\tand\nnew lines  ", "émigré 𝛑 ünïcode <b>x</b>"]
-    with LlamaServer(exported["gguf"], threads=2) as server:
+    with LlamaServer(exported["gguf"]) as server:  # threads: OMP_NUM_THREADS (one per test worker)
         trip, references = round_trip(server, merged, tokenizer, QUESTIONS, SYSTEM, 20, "f16", probe_texts=probes)
         served = served_check(server, merged, tokenizer, QUESTIONS[0], SYSTEM, 20, "f16", references[0])
         reply = server.post("/v1/chat/completions", chat_body(QUESTIONS[0], SYSTEM, 20))
