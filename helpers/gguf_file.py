@@ -166,8 +166,8 @@ def load_gguf_weights(model: PreTrainedModel, path: Path) -> dict[str, list[str]
     params = dict(model.named_parameters(remove_duplicate=False))  # a tied head is listed under both names
     loaded, unexpected, derived = set(), [], []
     for name, weights in gguf_tensors(path, model):
-        if name.removeprefix("?") in DERIVED_TENSORS:
-            derived.append(name.removeprefix("?"))
+        if (bare := name.removeprefix("?")) in DERIVED_TENSORS:
+            derived.append(bare)
             continue
         if name not in params:
             unexpected.append(name)

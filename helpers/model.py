@@ -172,22 +172,23 @@ def _convert_embedded(target: Path) -> None:
     staging.rename(target)
 
 
+# Profile model names whose model is made locally once and cached: folder, builder, what the first use prints.
+BUILT_ON_FIRST_USE = {
+    EMBEDDED: (EMBEDDED_NAME, _convert_embedded, f"converting {EMBEDDED_GGUF} to safetensors (about 40 s, once)"),
+    LLAMA31_TWIN: (LLAMA31_TWIN, build_twin, "building the Llama 3.1 twin (Meta's tokenizer, random weights)"),
+}
+
+
 def resolve_model(name: str) -> str:
     """A loadable path or Hub id for a profile's model name; converts the embedded GGUF, or builds the Llama 3.1
     twin, on first use."""
-    if name == LLAMA31_TWIN:
-        target = cache_dir() / LLAMA31_TWIN
+    if name in BUILT_ON_FIRST_USE:
+        folder, build, what = BUILT_ON_FIRST_USE[name]
+        target = cache_dir() / folder
         if not (target / "config.json").is_file():
-            print(f"First use: building the Llama 3.1 twin (Meta's tokenizer, random weights) in {target.name}.")
+            print(f"First use: {what} in {target.name}.")
             target.parent.mkdir(parents=True, exist_ok=True)
-            build_twin(target)
-        return str(target)
-    if name == EMBEDDED:
-        target = cache_dir() / EMBEDDED_NAME
-        if not (target / "config.json").is_file():
-            print(f"First use: converting {EMBEDDED_GGUF} to safetensors in {target.name} (about 40 s, once).")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            _convert_embedded(target)
+            build(target)
         return str(target)
     path = Path(name).expanduser()
     if name.startswith("."):  # relative to the project folder, wherever the notebook runs

@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from json_handler import JsonHandler
 
 from helpers import ROOT
 from helpers.data import DataError
@@ -22,7 +23,7 @@ from helpers.profiles import ProfileError, load_profile
 from helpers.replies import select_pairs
 
 
-class FakeAPI(BaseHTTPRequestHandler):
+class FakeAPI(JsonHandler):
     """An OpenAI-compatible chat completions endpoint with a request log, some 429s and one 500."""
 
     log: list = []
@@ -60,19 +61,6 @@ class FakeAPI(BaseHTTPRequestHandler):
                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
             },
         )
-
-    def _send(self, status, payload, headers=None):
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
 
 
 class RecordingProxy(BaseHTTPRequestHandler):

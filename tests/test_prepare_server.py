@@ -6,10 +6,11 @@ import json
 import threading
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from types import SimpleNamespace
 
 import pytest
+from json_handler import JsonHandler
 
 from helpers import ROOT
 from helpers.documents import read_documents
@@ -21,7 +22,7 @@ from helpers.replies import parse_pairs, select_pairs
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-class FlakyProxy(BaseHTTPRequestHandler):
+class FlakyProxy(JsonHandler):
     """Forwards to the real server, but answers its first request 429 (Retry-After: 0) and its second 503."""
 
     target = ""
@@ -41,18 +42,6 @@ class FlakyProxy(BaseHTTPRequestHandler):
         )
         with _DIRECT.open(request, timeout=300) as response:
             self._send(response.status, response.read())
-
-    def _send(self, status, data, headers=None):
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture(scope="module")
